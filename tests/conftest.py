@@ -1,0 +1,40 @@
+"""Fixtures shared by the test modules: real models, real data, real servers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_DIR = REPO / "examples" / "digits"
+DIGITS_SPEC = DIGITS_DIR / "spec.yaml"
+
+# Fixture modules contributed by test areas (each owns its file).
+pytest_plugins: list[str] = []
+
+
+def tensorrt_skip_reason() -> str | None:
+    """Why TensorRT tests cannot run here, or None when TensorRT and an NVIDIA GPU are present."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (install it from NVIDIA's pip index or use the NGC TensorRT container)"
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return "no NVIDIA GPU visible to NVML"
+    except Exception as err:  # NVML raises its own error family when no driver is loaded
+        return f"no NVIDIA GPU: NVML unavailable ({err})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = tensorrt_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "tensorrt" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,3 @@
+"""trtforge: trained PyTorch checkpoint in, gated and versioned inference engines out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""The small protocol every engine backend implements, and the registry of backends by name.
+
+A backend builds an engine file from an ONNX model for one target and loads it back as a
+runner for the gate and the benchmarks. Adding a backend is one module that calls
+``register_backend``; targets name it in the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from trtforge.errors import TrtforgeError
+from trtforge.spec import ModelSpec, Target
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether this process can build and run a target, and if not, what the user can do about it."""
+
+    available: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """An engine file plus what describes how it was built (written as build.json beside it)."""
+
+    tag: str
+    engine_path: Path
+    record: dict[str, Any]
+    extra_files: dict[str, Path] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def runtime_version(self) -> str | None:
+        """Version of the runtime that builds the engine, or None where it is not installed."""
+
+    def availability(self, target: Target) -> Availability: ...
+
+    def build(self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path) -> BuiltEngine: ...
+
+    def load_runner(self, engine_path: Path) -> Runner: ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    # Importing the package registers the built-in backends.
+    import trtforge.backends  # noqa: F401
+
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise TrtforgeError(f"unknown backend {name!r}; known: {', '.join(sorted(_BACKENDS))}") from None
+
+
+def shape_profile_tag(spec: ModelSpec) -> str:
+    """Short name of the spec's dynamic ranges, e.g. ``b1_32_128`` for a batch dim 1/32/128."""
+    parts = []
+    for inp in spec.inputs:
+        for dim_name, dim in inp.dynamic.items():
+            part = f"{dim_name[0]}{dim.min}_{dim.opt}_{dim.max}"
+            if part not in parts:
+                parts.append(part)
+    return "-".join(parts) or "static"
+
+
+def target_tag(target: Target, spec: ModelSpec, runtime_version: str | None) -> str:
+    """The registry name of one built target, e.g. ``trt11.4-sm90-int8-b1_32_128``.
+
+    The runtime's major.minor is part of the tag because engines (TensorRT plans, and
+    onnxruntime-optimized graphs with contrib ops) are tied to the runtime that made them.
+    """
+    prefix = {"onnxruntime": "ort", "tensorrt": "trt"}[target.backend.value]
+    version = ".".join(runtime_version.split(".")[:2]) if runtime_version else ""
+    place = target.arch.replace("_", "") if target.arch else target.device
+    return f"{prefix}{version}-{place}-{target.precision.value}-{shape_profile_tag(spec)}"

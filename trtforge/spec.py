@@ -1,0 +1,312 @@
+"""The model spec: everything trtforge needs to know about one model, validated.
+
+A spec is a YAML file. Relative paths inside it (checkpoint, eval and calibration
+data, a factory given as ``file.py:function``) are resolved against the spec's own
+folder, so a spec folder can be copied anywhere. The registry URI is the exception:
+it is a URI, relative to the working directory, like any other command-line URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trtforge.errors import SpecError
+
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+GPU_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_110", "sm_120", "sm_121")
+DEFAULT_REGISTRY = "file://artifacts/registry"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self in (Precision.INT8, Precision.FP8)
+
+
+class BackendName(str, Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "classification"
+    EMBEDDING = "embedding"
+    RAW = "raw"
+
+
+ShapeLevel = Literal["min", "opt", "max"]
+
+
+class DynamicDim(Strict):
+    min: Annotated[int, Field(ge=1)]
+    opt: Annotated[int, Field(ge=1)]
+    max: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DynamicDim:
+        if self.min > self.opt:
+            raise ValueError(f"min ({self.min}) must be <= opt ({self.opt})")
+        if self.opt > self.max:
+            raise ValueError(f"opt ({self.opt}) must be <= max ({self.max})")
+        return self
+
+
+class InputSpec(Strict):
+    name: Annotated[str, Field(min_length=1)]
+    dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
+    shape: list[int | str] = Field(min_length=1, description="ints for static dims, names for dynamic ones")
+    dynamic: dict[str, DynamicDim] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _dims_declared(self) -> InputSpec:
+        named = [d for d in self.shape if isinstance(d, str)]
+        missing = [d for d in named if d not in self.dynamic]
+        if missing:
+            raise ValueError(f"dynamic dims {missing} are in shape but have no min/opt/max under 'dynamic'")
+        unused = [d for d in self.dynamic if d not in named]
+        if unused:
+            raise ValueError(f"dynamic dims {unused} are not used in shape {self.shape}")
+        if any(isinstance(d, int) and d < 1 for d in self.shape):
+            raise ValueError(f"static dims must be >= 1, got {self.shape}")
+        return self
+
+    def shape_at(self, level: ShapeLevel) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else getattr(self.dynamic[d], level) for d in self.shape)
+
+
+class OutputSpec(Strict):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class ExportOptions(Strict):
+    opset: Annotated[int, Field(ge=13, le=23)] = 18
+    tolerance: Annotated[float, Field(gt=0)] = 1e-4
+    seed: int = 0
+
+
+class EvalSpec(Strict):
+    data: Path = Field(description=".npz with one array per input name, plus the labels array")
+    task: Task = Task.CLASSIFICATION
+    labels: str | None = "labels"
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    recall_k: Annotated[int, Field(ge=1)] = 5
+
+
+class Preprocessing(Strict):
+    resize: tuple[int, int] | None = Field(default=None, description="(height, width)")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    color: Literal["gray", "rgb"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class CalibrationSpec(Strict):
+    data: Path = Field(description=".npz keyed by input name, .npy for single-input models, or an image folder")
+    labels: str | None = Field(default=None, description="key of the labels array in an .npz")
+    preprocessing: Preprocessing | None = None
+    min_samples: Annotated[int, Field(ge=1)] = 500
+    max_samples: Annotated[int, Field(ge=1)] = 1024
+    max_duplicate_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_constant_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+    distribution_tolerance: Annotated[float, Field(gt=0)] = 0.25
+    min_per_class: Annotated[int, Field(ge=0)] = 10
+    expected_range: tuple[float, float] | None = Field(
+        default=None, description="value range the model expects after preprocessing, e.g. [-3, 3]"
+    )
+
+
+class PrecisionOptions(Strict):
+    calibration_method: Literal["entropy", "max"] = "entropy"
+    exclude_op_types: list[str] = Field(default_factory=list)
+    exclude_nodes: list[str] = Field(default_factory=list)
+    keep_fp32_op_types: list[str] = Field(default_factory=list)
+    keep_fp32_nodes: list[str] = Field(default_factory=list)
+    high_precision_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class GateThresholds(Strict):
+    """Per-precision defaults live in ``trtforge.stages.gate``; anything set here overrides them."""
+
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed top-1 drop versus the PyTorch FP32 reference, as a fraction"
+    )
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] | None = None
+    max_abs_error: Annotated[float, Field(ge=0)] | None = None
+    min_recall_at_k: Annotated[float, Field(ge=0, le=1)] | None = None
+    regression_tolerance: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed drop of the task metric versus the last published version"
+    )
+
+
+class Profile(Strict):
+    """One optimization profile: overrides of min/opt/max per dynamic dim name."""
+
+    dims: dict[str, DynamicDim]
+
+
+class Target(Strict):
+    backend: BackendName = BackendName.ONNXRUNTIME
+    precision: Precision = Precision.FP32
+    device: Literal["cpu", "gpu"] = "cpu"
+    arch: str | None = Field(default=None, description="GPU architecture for TensorRT targets, e.g. sm_90")
+    required: bool = True
+    work_pool: str | None = None
+    profiles: list[Profile] = Field(default_factory=list)
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
+    optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
+    workspace_mb: Annotated[int, Field(ge=1)] | None = None
+    tiling_optimization_level: Literal["none", "fast", "moderate", "full"] | None = None
+    gate: GateThresholds = GateThresholds()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Target:
+        if self.backend is BackendName.TENSORRT:
+            if self.arch is None:
+                raise ValueError("tensorrt targets need 'arch', one of " + ", ".join(GPU_ARCHS))
+            if self.arch not in GPU_ARCHS:
+                raise ValueError(f"arch {self.arch!r} is not one of " + ", ".join(GPU_ARCHS))
+        elif self.arch is not None or self.device != "cpu":
+            raise ValueError("onnxruntime targets run on device 'cpu' and take no 'arch'")
+        return self
+
+    @property
+    def pool(self) -> str | None:
+        if self.backend is not BackendName.TENSORRT:
+            return None
+        return self.work_pool or f"gpu-{self.arch.replace('_', '')}"
+
+
+class ModelSpec(Strict):
+    name: str
+    model: str = Field(description="factory returning the nn.Module: 'package.module:function' or 'file.py:function'")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path
+    train: str | None = Field(default=None, description="'module:function' or 'file.py:function' writing the checkpoint")
+    inputs: list[InputSpec] = Field(min_length=1)
+    outputs: list[OutputSpec] = Field(min_length=1)
+    export: ExportOptions = ExportOptions()
+    eval: EvalSpec
+    calibration: CalibrationSpec | None = None
+    precision: PrecisionOptions = PrecisionOptions()
+    targets: list[Target] = Field(min_length=1)
+    gate: GateThresholds = GateThresholds()
+    registry: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list, description="op domains or op types served by TensorRT plugins")
+    allow_pickle_checkpoints: bool = True
+
+    # Set by parse_spec: where relative paths were resolved from, and the hash of the spec as written
+    # (before resolution, so the same spec hashes the same in any checkout).
+    source: Path | None = Field(default=None, exclude=True)
+    digest: str | None = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError("must be 1-100 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _safe_aliases(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not SAFE_NAME.match(a)]
+        if bad:
+            raise ValueError(f"aliases {bad} must use only a-z, 0-9, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelSpec:
+        names = [i.name for i in self.inputs] + [o.name for o in self.outputs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"input/output names must be unique, repeated: {duplicates}")
+        return self
+
+    def input_shapes(self, level: ShapeLevel) -> dict[str, tuple[int, ...]]:
+        return {i.name: i.shape_at(level) for i in self.inputs}
+
+    def sha256(self) -> str:
+        """Content hash of the validated spec as written, for lineage and cache keys."""
+        return self.digest or hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for problem in err.errors():
+        loc = [p for p in problem["loc"] if p not in ("function-after", "function-before")]
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {_format_location(tuple(loc))}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> ModelSpec:
+    """Validate already-parsed YAML data; relative paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = ModelSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+    spec = spec.model_copy(update={"digest": hashlib.sha256(spec.model_dump_json().encode()).hexdigest()})
+    if base_dir is None:
+        return spec
+    return _resolve_paths(spec, base_dir.resolve())
+
+
+def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    updates: dict[str, Any] = {
+        "checkpoint": resolve(spec.checkpoint),
+        "eval": spec.eval.model_copy(update={"data": resolve(spec.eval.data)}),
+        "source": base,
+    }
+    if spec.calibration is not None:
+        updates["calibration"] = spec.calibration.model_copy(update={"data": resolve(spec.calibration.data)})
+    return spec.model_copy(update=updates)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read and validate a spec file, resolving its relative paths against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist: pass the path to a spec YAML, e.g. examples/digits/spec.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SpecError(f"spec file {path} is not valid YAML: {err}") from None
+    return parse_spec(data, source=str(path), base_dir=path.parent)
