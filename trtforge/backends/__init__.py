@@ -1,0 +1,3 @@
+"""Engine backends, registered by name on import; targets name them in the spec."""
+
+from trtforge.backends import onnxruntime  # noqa: F401

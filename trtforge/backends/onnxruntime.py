@@ -1,0 +1,85 @@
+"""The onnxruntime CPU backend: the engine is the ONNX model with onnxruntime's graph optimizations applied.
+
+ORT_ENABLE_EXTENDED, not ORT_ENABLE_ALL: the 'all' level adds layout transforms specific to
+the building machine's CPU, which would make the saved engine non-portable across workers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trtforge.backends.base import Availability, BuiltEngine, register_backend, target_tag
+from trtforge.errors import StageError
+from trtforge.hashing import sha256_file
+from trtforge.numeric import onnxruntime_session
+from trtforge.spec import ModelSpec, Precision, Target
+
+SUPPORTED_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
+OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, engine_path: Path):
+        self.session = onnxruntime_session(engine_path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def runtime_version(self) -> str | None:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def availability(self, target: Target) -> Availability:
+        if target.precision not in SUPPORTED_PRECISIONS:
+            supported = ", ".join(p.value for p in SUPPORTED_PRECISIONS)
+            return Availability(False, f"onnxruntime CPU has no {target.precision.value} kernels; use one of {supported}")
+        return Availability(True)
+
+    def build(self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path) -> BuiltEngine:
+        tag = target_tag(target, spec, self.runtime_version())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        engine = out_dir / "engine"
+        partial = out_dir / "engine.partial.onnx"
+        started = time.perf_counter()
+        try:
+            onnxruntime_session(onnx_path, optimized_path=partial)
+        except Exception as err:
+            partial.unlink(missing_ok=True)
+            raise StageError("build", f"onnxruntime could not load {onnx_path}: {err}") from None
+        seconds = time.perf_counter() - started
+        partial.replace(engine)
+        record = {
+            "tag": tag,
+            "backend": self.name,
+            "precision": target.precision.value,
+            "device": "cpu",
+            "runtime_version": self.runtime_version(),
+            "graph_optimization_level": OPTIMIZATION_LEVEL,
+            "source_onnx_sha256": sha256_file(onnx_path),
+            "engine_sha256": sha256_file(engine),
+            "engine_bytes": engine.stat().st_size,
+            "build_seconds": seconds,
+            "machine": platform.machine(),
+        }
+        build_json = out_dir / "build.json"
+        build_json.write_text(json.dumps(record, indent=2))
+        return BuiltEngine(tag=tag, engine_path=engine, record=record, extra_files={"build.json": build_json})
+
+    def load_runner(self, engine_path: Path) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(engine_path)
+
+
+register_backend(OnnxRuntimeBackend())

@@ -1,0 +1,108 @@
+"""Running native-library work (onnxsim, ModelOpt, engine builds) in a child process.
+
+onnxsim, protobuf parsers and engine builders can segfault or abort on unusual models. In a
+child process that kills only the stage: the parent reports which stage, the exit signal
+and the child's last log lines, and the flow and worker survive. Storage credentials are
+removed from the child's environment because none of this work needs them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trtforge.errors import StageError, TrtforgeError
+
+T = TypeVar("T")
+CREDENTIAL_PREFIXES = ("AWS_", "TRTFORGE_SIGNING_", "PREFECT_API_KEY")
+LOG_TAIL_LINES = 20
+
+
+def _child_main(conn, function, args, kwargs, memory_mb, log_path):
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for name in list(os.environ):
+        if name.startswith(CREDENTIAL_PREFIXES):
+            del os.environ[name]
+    if memory_mb:
+        import resource
+
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        conn.send(("ok", function(*args, **kwargs)))
+    except TrtforgeError as err:
+        conn.send(("user-error", str(err)))
+    except BaseException as err:  # report anything, including MemoryError, to the parent
+        conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc(limit=-3)))
+    finally:
+        conn.close()
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def run_isolated(
+    stage: str,
+    function: Callable[..., T],
+    *args: Any,
+    timeout_s: float | None = None,
+    memory_mb: int | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``function(*args, **kwargs)`` in a fresh child process and return its result.
+
+    ``function`` must be importable at module level (the child is spawned, not forked, so it
+    starts clean of the parent's threads and CUDA state).
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix=f"trtforge-{stage}-") as tmp:
+        log_path = Path(tmp) / "child.log"
+        log_path.touch()
+        process = context.Process(
+            target=_child_main, args=(sender, function, args, kwargs, memory_mb, str(log_path)), daemon=True
+        )
+        process.start()
+        sender.close()
+        try:
+            if not receiver.poll(timeout_s):
+                process.kill()
+                process.join()
+                raise StageError(stage, f"timed out after {timeout_s:.0f} s; last output:\n{_tail(log_path)}")
+            try:
+                message = receiver.recv()
+            except EOFError:
+                process.join()
+                raise StageError(stage, _describe_death(process.exitcode, log_path)) from None
+        finally:
+            receiver.close()
+        process.join()
+        status, *payload = message
+        if status == "ok":
+            return payload[0]
+        if status == "user-error":
+            raise StageError(stage, payload[0].removeprefix(f"{stage}: "))
+        detail, child_traceback = payload
+        raise StageError(stage, f"failed in the child process: {detail}\n{child_traceback.strip()}")
+
+
+def _describe_death(exitcode: int | None, log_path: Path) -> str:
+    if exitcode is not None and exitcode < 0:
+        how = f"crashed with signal {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exited with code {exitcode} without a result"
+    tail = _tail(log_path)
+    return f"the child process {how}" + (f"; last output:\n{tail}" if tail else "")

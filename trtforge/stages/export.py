@@ -1,0 +1,123 @@
+"""Stage 'export': PyTorch checkpoint to a checked ONNX model with the spec's names and dynamic dims."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trtforge.errors import StageError
+from trtforge.hashing import sha256_file
+from trtforge.modelload import load_model
+from trtforge.numeric import max_abs_diff_by_level, onnx_runner, random_inputs
+from trtforge.spec import ModelSpec
+
+STAGE = "export"
+
+
+class ExportResult(BaseModel):
+    onnx_path: Path
+    sha256: str
+    opset: int
+    node_count: int
+    max_abs_diff: dict[str, float]
+    seconds: float
+
+
+def _dynamic_shapes(spec: ModelSpec):
+    """One ``torch.export.Dim`` per dynamic dim name, shared by every input that uses it."""
+    import torch
+
+    dims = {}
+    per_input = []
+    for inp in spec.inputs:
+        axes = {}
+        for axis, dim in enumerate(inp.shape):
+            if isinstance(dim, str):
+                if dim not in dims:
+                    bounds = inp.dynamic[dim]
+                    dims[dim] = torch.export.Dim(dim, min=bounds.min, max=bounds.max)
+                axes[axis] = dims[dim]
+        per_input.append(axes or None)
+    return tuple(per_input)
+
+
+def _torch_reference(model):
+    import torch
+
+    def run(feeds):
+        with torch.no_grad():
+            out = model(*(torch.from_numpy(v) for v in feeds.values()))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.detach().numpy() for o in outs]
+
+    return run
+
+
+def export_onnx(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResult:
+    """Export with torch.onnx (dynamo), check fully with onnx.checker, compare with PyTorch at min/opt/max."""
+    import onnx
+    import torch
+
+    started = time.perf_counter()
+    model = load_model(spec, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "model.onnx"
+    partial = out_dir / "model.onnx.partial"
+    example = random_inputs(spec.inputs, "opt", spec.export.seed)
+    args = tuple(torch.from_numpy(example[i.name]) for i in spec.inputs)
+    try:
+        # The exporter prints its progress to stdout; keep the CLI's output (and --json) clean.
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                model,
+                args,
+                str(partial),
+                input_names=[i.name for i in spec.inputs],
+                output_names=[o.name for o in spec.outputs],
+                opset_version=spec.export.opset,
+                dynamic_shapes=_dynamic_shapes(spec),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        onnx.checker.check_model(str(partial), full_check=True)
+    except Exception as err:
+        partial.unlink(missing_ok=True)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(STAGE, f"torch.onnx.export of {spec.model!r} failed: {type(err).__name__}: {message}") from None
+
+    graph = onnx.load(str(partial), load_external_data=False)
+    declared = [i.name for i in graph.graph.input]
+    expected = [i.name for i in spec.inputs]
+    if declared != expected:
+        partial.unlink(missing_ok=True)
+        raise StageError(STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order")
+    try:
+        diffs = max_abs_diff_by_level(spec, onnx_runner(partial, [o.name for o in spec.outputs]), _torch_reference(model))
+    except Exception as err:
+        partial.unlink(missing_ok=True)
+        raise StageError(STAGE, f"running the exported model failed: {type(err).__name__}: {err}") from None
+    worst = max(diffs.values())
+    if worst > spec.export.tolerance:
+        partial.unlink(missing_ok=True)
+        level = max(diffs, key=diffs.get)
+        raise StageError(
+            STAGE,
+            f"ONNX output differs from PyTorch by {worst:.3g} at the {level} shape, over export.tolerance "
+            f"{spec.export.tolerance:g}; check for non-deterministic or data-dependent ops, or raise the tolerance",
+        )
+    os.replace(partial, target)
+    return ExportResult(
+        onnx_path=target,
+        sha256=sha256_file(target),
+        opset=spec.export.opset,
+        node_count=len(graph.graph.node),
+        max_abs_diff=diffs,
+        seconds=time.perf_counter() - started,
+    )
+

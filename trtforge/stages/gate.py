@@ -1,0 +1,218 @@
+"""Stage 'gate': is a built engine as good as the model it came from, and no worse than what is published?
+
+Thresholds come from three layers, later ones winning: the per-precision defaults below,
+the spec's ``gate`` section, the target's own ``gate`` section. The defaults, and why:
+
+- fp32: top-1 agreement >= 0.999 with the PyTorch FP32 reference and cosine >= 0.9999. The
+  engine computes the same function; only kernel order and fusion change the rounding.
+- fp16/bf16: cosine >= 0.999 and agreement >= 0.99: half precision keeps ~3 significant digits,
+  which moves only near-tie decisions.
+- int8/fp8: top-1 accuracy may drop at most 1.0 point and cosine >= 0.98: quantization error
+  is real; the user cares about the task metric, not bit-exactness.
+- every precision: no NaN/Inf in any output, and no more than 0.5 point of the task metric lost
+  against the last published version of the same target.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from trtforge.backends.base import Runner
+from trtforge.evalset import EvalSet, eval_batch_size
+from trtforge.spec import GateThresholds, ModelSpec, Precision, Target, Task
+
+DEFAULT_THRESHOLDS: dict[Precision, GateThresholds] = {
+    Precision.FP32: GateThresholds(min_agreement=0.999, min_cosine=0.9999, regression_tolerance=0.005),
+    Precision.FP16: GateThresholds(min_agreement=0.99, min_cosine=0.999, regression_tolerance=0.005),
+    Precision.BF16: GateThresholds(min_agreement=0.99, min_cosine=0.999, regression_tolerance=0.005),
+    Precision.INT8: GateThresholds(max_accuracy_drop=0.01, min_cosine=0.98, regression_tolerance=0.005),
+    Precision.FP8: GateThresholds(max_accuracy_drop=0.01, min_cosine=0.98, regression_tolerance=0.005),
+}
+LATENCY_WARMUP = 5
+LATENCY_ITERATIONS = 50
+
+
+class PreviousRelease(BaseModel):
+    version: int
+    metrics: dict[str, float]
+
+
+class GateResult(BaseModel):
+    tag: str
+    passed: bool
+    task_metric: str
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    failures: list[str]
+    previous_version: int | None = None
+    notes: list[str] = []
+
+
+def effective_thresholds(spec: ModelSpec, target: Target) -> GateThresholds:
+    merged: dict[str, Any] = DEFAULT_THRESHOLDS[target.precision].model_dump()
+    for layer in (spec.gate, target.gate):
+        merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return GateThresholds(**merged)
+
+
+def run_eval(spec: ModelSpec, runner: Runner, evalset: EvalSet) -> dict[str, np.ndarray]:
+    collected: dict[str, list[np.ndarray]] = {o.name: [] for o in spec.outputs}
+    for batch in evalset.batches(eval_batch_size(spec)):
+        outputs = runner.run(batch)
+        for name in collected:
+            collected[name].append(np.asarray(outputs[name], dtype=np.float32))
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet) -> dict[str, float]:
+    """Wall-clock latency of one call at the opt shape (eval samples tiled to fill it)."""
+    feeds = {}
+    for inp in spec.inputs:
+        batch = inp.shape_at("opt")[0]
+        source = evalset.inputs[inp.name]
+        feeds[inp.name] = np.resize(source, (batch, *source.shape[1:])).astype(source.dtype)
+    for _ in range(LATENCY_WARMUP):
+        runner.run(feeds)
+    times = []
+    for _ in range(LATENCY_ITERATIONS):
+        started = time.perf_counter()
+        runner.run(feeds)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"latency_ms_median": float(np.median(times)), "latency_ms_p99": float(np.percentile(times, 99))}
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(denominator, 1e-12)
+
+
+def _recall_at_k(candidate: np.ndarray, reference: np.ndarray, k: int) -> float:
+    """Share of reference top-k nearest neighbours (cosine) that the candidate embeddings also retrieve."""
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        similarity = x @ x.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :k]
+
+    k = min(k, len(reference) - 1)
+    ref, cand = neighbours(reference), neighbours(candidate)
+    hits = [len(set(r) & set(c)) for r, c in zip(ref, cand)]
+    return float(np.sum(hits) / (k * len(ref)))
+
+
+def compute_metrics(spec: ModelSpec, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    nonfinite = sum(int(np.size(o) - np.count_nonzero(np.isfinite(o))) for o in outputs.values())
+    metrics["nonfinite_outputs"] = float(nonfinite)
+    cosines, abs_errors = [], []
+    for name, out in outputs.items():
+        ref = reference[name]
+        if nonfinite == 0:
+            cos = _cosine_rows(out, ref)
+            cosines.append(cos)
+            err = np.abs(out.astype(np.float64) - ref)
+            abs_errors.append(err)
+            if spec.eval.task is Task.RAW:
+                metrics[f"{name}.max_abs_error"] = float(err.max())
+                metrics[f"{name}.mean_abs_error"] = float(err.mean())
+                metrics[f"{name}.relative_error"] = float(err.sum() / max(np.abs(ref).sum(), 1e-12))
+                metrics[f"{name}.cosine_mean"] = float(cos.mean())
+    if cosines:
+        metrics["cosine_mean"] = float(np.mean(np.concatenate(cosines)))
+        metrics["cosine_min"] = float(np.min(np.concatenate(cosines)))
+        metrics["max_abs_error"] = float(max(e.max() for e in abs_errors))
+        metrics["mean_abs_error"] = float(np.mean([e.mean() for e in abs_errors]))
+    primary = spec.outputs[0].name
+    out, ref = outputs[primary], reference[primary]
+    if spec.eval.task is Task.CLASSIFICATION:
+        predicted, expected = out.argmax(axis=1), ref.argmax(axis=1)
+        metrics["agreement"] = float(np.mean(predicted == expected))
+        if labels is not None:
+            metrics["accuracy"] = float(np.mean(predicted == labels))
+            metrics["reference_accuracy"] = float(np.mean(expected == labels))
+            if out.shape[1] >= 5:
+                top5 = np.argsort(-out, axis=1)[:, :5]
+                metrics["top5_accuracy"] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
+    elif spec.eval.task is Task.EMBEDDING and nonfinite == 0:
+        metrics["recall_at_k"] = _recall_at_k(out, ref, spec.eval.recall_k)
+    return metrics
+
+
+def task_metric_name(spec: ModelSpec, metrics: dict[str, float]) -> str:
+    if spec.eval.task is Task.CLASSIFICATION:
+        return "accuracy" if "accuracy" in metrics else "agreement"
+    return "cosine_mean"
+
+
+def evaluate_thresholds(
+    metrics: dict[str, float], thresholds: GateThresholds, task_metric: str, previous: PreviousRelease | None
+) -> tuple[list[str], list[str]]:
+    """Failure messages (metric, threshold, reference value) and notes."""
+    failures, notes = [], []
+    if metrics["nonfinite_outputs"] > 0:
+        failures.append(f"{metrics['nonfinite_outputs']:.0f} non-finite (NaN/Inf) output values; any is a failure")
+        return failures, notes
+
+    def at_least(name: str, bound: float | None, label: str) -> None:
+        if bound is not None and name in metrics and metrics[name] < bound:
+            failures.append(f"{label} {metrics[name]:.4f} < threshold {bound:.4f}")
+
+    at_least("accuracy", thresholds.min_accuracy, "top-1 accuracy")
+    at_least("agreement", thresholds.min_agreement, "top-1 agreement with the FP32 reference")
+    at_least("cosine_mean", thresholds.min_cosine, "mean cosine similarity to the FP32 reference")
+    at_least("recall_at_k", thresholds.min_recall_at_k, "recall@k against the reference embeddings")
+    if thresholds.max_abs_error is not None and metrics.get("max_abs_error", 0.0) > thresholds.max_abs_error:
+        failures.append(f"max abs error {metrics['max_abs_error']:.4g} > threshold {thresholds.max_abs_error:.4g}")
+    if thresholds.max_accuracy_drop is not None and "accuracy" in metrics:
+        drop = metrics["reference_accuracy"] - metrics["accuracy"]
+        if drop > thresholds.max_accuracy_drop:
+            failures.append(
+                f"top-1 accuracy {metrics['accuracy']:.4f} is {100 * drop:.2f} points below the FP32 reference "
+                f"{metrics['reference_accuracy']:.4f}; allowed drop {100 * thresholds.max_accuracy_drop:.2f} points"
+            )
+    if previous is None:
+        notes.append("first version of this target: no previous release to compare with")
+    elif task_metric in previous.metrics and thresholds.regression_tolerance is not None:
+        before, now = previous.metrics[task_metric], metrics[task_metric]
+        if before - now > thresholds.regression_tolerance:
+            failures.append(
+                f"{task_metric} {now:.4f} regressed from {before:.4f} in version {previous.version}; "
+                f"allowed drop {thresholds.regression_tolerance:.4f}"
+            )
+        else:
+            notes.append(f"{task_metric} {now:.4f} vs {before:.4f} in version {previous.version}")
+    return failures, notes
+
+
+def gate_target(
+    spec: ModelSpec,
+    target: Target,
+    tag: str,
+    runner: Runner,
+    evalset: EvalSet,
+    reference: dict[str, np.ndarray],
+    previous: PreviousRelease | None = None,
+) -> GateResult:
+    outputs = run_eval(spec, runner, evalset)
+    metrics = compute_metrics(spec, outputs, reference, evalset.labels)
+    metrics.update(measure_latency(spec, runner, evalset))
+    thresholds = effective_thresholds(spec, target)
+    task_metric = task_metric_name(spec, metrics)
+    failures, notes = evaluate_thresholds(metrics, thresholds, task_metric, previous)
+    return GateResult(
+        tag=tag,
+        passed=not failures,
+        task_metric=task_metric,
+        metrics=metrics,
+        thresholds={k: v for k, v in thresholds.model_dump().items() if v is not None},
+        failures=failures,
+        previous_version=previous.version if previous else None,
+        notes=notes,
+    )

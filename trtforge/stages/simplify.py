@@ -1,0 +1,76 @@
+"""Stage 'simplify': onnxsim with dynamic dims kept dynamic, then the same numeric check as export.
+
+onnxsim runs in a child process: it is native code that can crash on unusual graphs. A
+failure fails the run with onnxsim's own message; there is no silent fallback to the
+unsimplified model, because a user who asked for a simplified engine must know.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trtforge.errors import StageError
+from trtforge.hashing import sha256_file
+from trtforge.isolation import run_isolated
+from trtforge.numeric import max_abs_diff_by_level, onnx_runner
+from trtforge.spec import ModelSpec
+
+STAGE = "simplify"
+
+
+class SimplifyResult(BaseModel):
+    onnx_path: Path
+    sha256: str
+    nodes_before: int
+    nodes_after: int
+    max_abs_diff: dict[str, float]
+    seconds: float
+
+
+def _simplify_file(source: str, destination: str) -> tuple[int, int]:
+    """Runs in the child: onnxsim on ``source``, written to ``destination``. Returns node counts."""
+    import onnx
+    import onnxsim
+
+    model = onnx.load(source)
+    before = len(model.graph.node)
+    # check_n=0: the parent compares outputs itself at the spec's min/opt/max shapes, which
+    # onnxsim cannot know for dynamic inputs.
+    simplified, _ = onnxsim.simplify(model, check_n=0)
+    onnx.save(simplified, destination)
+    return before, len(simplified.graph.node)
+
+
+def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path, timeout_s: float = 600) -> SimplifyResult:
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "model.sim.onnx"
+    partial = out_dir / "model.sim.onnx.partial"
+    try:
+        before, after = run_isolated(STAGE, _simplify_file, str(onnx_path), str(partial), timeout_s=timeout_s)
+        outputs = [o.name for o in spec.outputs]
+        diffs = max_abs_diff_by_level(
+            spec,
+            onnx_runner(partial, outputs),
+            onnx_runner(onnx_path, outputs, disable_optimizations=True),
+        )
+    except StageError:
+        partial.unlink(missing_ok=True)
+        raise
+    worst = max(diffs.values())
+    if worst > spec.export.tolerance:
+        partial.unlink(missing_ok=True)
+        raise StageError(STAGE, f"simplified model differs from the exported one by {worst:.3g}, over export.tolerance {spec.export.tolerance:g}")
+    os.replace(partial, target)
+    return SimplifyResult(
+        onnx_path=target,
+        sha256=sha256_file(target),
+        nodes_before=before,
+        nodes_after=after,
+        max_abs_diff=diffs,
+        seconds=time.perf_counter() - started,
+    )
