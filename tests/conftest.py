@@ -38,3 +38,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tensorrt" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits_spec():
+    from trtforge.spec import load_spec
+
+    return load_spec(DIGITS_SPEC)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory, digits_spec) -> Path:
+    """A digits CNN trained once per test session with the example's own train entry point."""
+    from trtforge.modelload import import_callable
+
+    path = tmp_path_factory.mktemp("digits-checkpoint") / "digits-cnn.safetensors"
+    import_callable(digits_spec.train, digits_spec.source, "train")(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory, digits_spec, digits_checkpoint) -> Path:
+    """The digits model exported and simplified by the real stages (dynamic batch 1/32/128)."""
+    from trtforge.stages.export import export_onnx
+    from trtforge.stages.simplify import simplify_onnx
+
+    work = tmp_path_factory.mktemp("digits-onnx")
+    exported = export_onnx(digits_spec, digits_checkpoint, work)
+    return simplify_onnx(digits_spec, exported.onnx_path, work).onnx_path

@@ -23,7 +23,11 @@ class CheckpointError(TrtforgeError):
 class StageError(TrtforgeError):
     """A pipeline stage failed on its input; the message names the stage."""
 
-    def __init__(self, stage: str, message: str):
+    def __init__(self, stage: str, message: str | None = None):
+        # One-argument form: a message already prefixed with its stage (as when Prefect
+        # re-creates a stored exception from its text).
+        if message is None:
+            stage, _, message = stage.partition(": ")
         self.stage = stage
         super().__init__(f"{stage}: {message}")
 
@@ -50,3 +54,14 @@ class NotFoundError(RegistryError):
 
 class IntegrityError(RegistryError):
     """A file in the registry does not match its manifest (size or sha256)."""
+
+
+class RunFailed(TrtforgeError):
+    """The run finished but a required target did not pass; nothing was published.
+
+    Carries the run summary so the CLI can still show the per-target table.
+    """
+
+    def __init__(self, message: str, summary: object | None = None):
+        super().__init__(message)
+        self.summary = summary

@@ -1,3 +1,3 @@
 """Engine backends, registered by name on import; targets name them in the spec."""
 
-from trtforge.backends import onnxruntime  # noqa: F401
+from trtforge.backends import onnxruntime, tensorrt  # noqa: F401

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over trtforge's stage functions (caching, logging, artifacts)."""

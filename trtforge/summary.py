@@ -1,0 +1,79 @@
+"""What a run did, per stage and per target: the data behind the CLI table, --json, report.md and the manifest."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class TargetStatus(str, Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNAVAILABLE = "unavailable"
+
+
+class TargetOutcome(BaseModel):
+    tag: str
+    backend: str
+    precision: str
+    required: bool
+    status: TargetStatus
+    reason: str = ""
+    metrics: dict[str, float] = {}
+    thresholds: dict[str, float] = {}
+    failures: list[str] = []
+    notes: list[str] = []
+    record: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    location: str | None = None
+
+
+class StageTiming(BaseModel):
+    stage: str
+    seconds: float
+    detail: str = ""
+
+
+class RunSummary(BaseModel):
+    model: str
+    version: int | None = None
+    published: bool = False
+    up_to_date: bool = False
+    passed: bool = False
+    registry: str
+    run_dir: Path | None = None
+    message: str = ""
+    stages: list[StageTiming] = []
+    targets: list[TargetOutcome] = []
+    warnings: list[str] = []
+
+    def public_json(self) -> dict[str, Any]:
+        """The stable ``--json`` shape of ``trtforge run``."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "published": self.published,
+            "up_to_date": self.up_to_date,
+            "passed": self.passed,
+            "message": self.message,
+            "targets": [
+                {
+                    "tag": t.tag,
+                    "backend": t.backend,
+                    "precision": t.precision,
+                    "required": t.required,
+                    "status": t.status.value,
+                    "reason": t.reason,
+                    "metrics": t.metrics,
+                    "location": t.location,
+                }
+                for t in self.targets
+            ],
+        }
+
+    def required_failures(self) -> list[TargetOutcome]:
+        return [t for t in self.targets if t.required and t.status is not TargetStatus.PASSED]
