@@ -1,0 +1,114 @@
+"""The retrain-to-engine flow end to end on the digits example, under a real (temporary) Prefect API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import DIGITS_DIR, DIGITS_SPEC
+from trtforge.cli import app
+from trtforge.errors import RunFailed
+from trtforge.registry import open_registry
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_spec(folder: Path, checkpoint: Path, **changes) -> Path:
+    """A copy of the digits spec living in ``folder``, pointing back at the example's code and data."""
+    data = yaml.safe_load(DIGITS_SPEC.read_text())
+    data.update(
+        model=str(DIGITS_DIR / "digits_model.py") + ":build_model",
+        train=str(DIGITS_DIR / "digits_train.py") + ":train",
+        checkpoint=str(checkpoint),
+    )
+    data["eval"]["data"] = str(DIGITS_DIR / "eval.npz")
+    data.pop("calibration")
+    data.update(changes)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_flow(spec: Path, tmp_path: Path, **kwargs):
+    from flows.retrain_to_engine import retrain_to_engine
+
+    return retrain_to_engine(
+        spec_path=str(spec), registry=f"file://{tmp_path / 'registry'}", artifacts_dir=str(tmp_path / "artifacts"), **kwargs
+    )
+
+
+def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
+    spec = write_spec(tmp_path / "spec", tmp_path / "ckpt" / "digits.safetensors")
+    summary = run_flow(spec, tmp_path)
+    assert summary.published and summary.version == 1 and not summary.up_to_date
+    assert [s.stage for s in summary.stages][:4] == ["retrain", "export", "simplify", "reference"]
+    assert summary.stages[0].detail == "trained"
+    (target,) = summary.targets
+    assert target.status.value == "passed" and target.metrics["accuracy"] > 0.95
+
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    assert registry.versions("digits-cnn") == [1]
+    assert registry.aliases("digits-cnn")["latest"] == 1
+    manifest = registry.manifest("digits-cnn", 1)
+    assert set(manifest.targets) == {target.tag}
+    entry = manifest.targets[target.tag]
+    assert {"engine", "build.json", "gate.json"} <= set(entry.files)
+    assert manifest.lineage["checkpoint_sha256"] == summary.targets[0].record["source_onnx_sha256"] or manifest.lineage["checkpoint_sha256"]
+    assert manifest.environment["onnxruntime"]
+    report = (summary.run_dir / "report.md").read_text()
+    assert "published version 1" in report and target.tag in report
+
+    again = run_flow(spec, tmp_path)
+    assert again.up_to_date and again.version == 1 and not again.published
+    assert registry.versions("digits-cnn") == [1]
+
+
+def test_required_target_failing_publishes_nothing(tmp_path, digits_checkpoint):
+    spec = write_spec(tmp_path / "spec", digits_checkpoint, gate={"min_accuracy": 0.9999})
+    with pytest.raises(RunFailed, match=r"not published: ort.*-cpu-fp32-b1_32_128 failed: top-1 accuracy 0\.\d+ < threshold 0\.9999") as caught:
+        run_flow(spec, tmp_path)
+    assert caught.value.summary.targets[0].status.value == "failed"
+    assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
+    assert (caught.value.summary.run_dir / "report.json").is_file()
+
+
+def test_unavailable_optional_target_is_reported_and_the_rest_published(tmp_path, digits_checkpoint):
+    data = yaml.safe_load(DIGITS_SPEC.read_text())
+    targets = data["targets"] + [{"backend": "onnxruntime", "precision": "bf16", "required": False}]
+    spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
+    summary = run_flow(spec, tmp_path)
+    assert summary.published
+    statuses = {t.precision: (t.status.value, t.reason) for t in summary.targets}
+    assert statuses["fp32"][0] == "passed"
+    assert statuses["bf16"] == ("unavailable", "onnxruntime CPU has no bf16 kernels; use one of fp32, fp16, int8")
+    manifest = open_registry(f"file://{tmp_path / 'registry'}").manifest("digits-cnn", summary.version)
+    assert all("-fp32-" in tag for tag in manifest.targets)
+
+
+def test_given_checkpoint_is_used_and_cli_prints_json(tmp_path, digits_checkpoint):
+    spec = write_spec(tmp_path / "spec", tmp_path / "never-written.safetensors", train=None)
+    args = ["run", str(spec), "--checkpoint", str(digits_checkpoint), "--registry", f"file://{tmp_path / 'registry'}",
+            "--artifacts", str(tmp_path / "artifacts"), "--json", "--summary", str(tmp_path / "summary.md")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload) >= {"model", "version", "published", "up_to_date", "targets"}
+    assert payload["model"] == "digits-cnn" and payload["version"] == 1 and payload["published"] is True
+    assert set(payload["targets"][0]) >= {"tag", "backend", "precision", "status", "metrics"}
+    assert "published version 1" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "never-written.safetensors").exists()
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["up_to_date"] is True
