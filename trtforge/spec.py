@@ -113,14 +113,32 @@ class Preprocessing(Strict):
     resize: tuple[int, int] | None = Field(default=None, description="(height, width)")
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     color: Literal["gray", "rgb"] = "rgb"
-    scale: float = 1.0 / 255.0
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    scale: Annotated[float, Field(gt=0)] = 1.0 / 255.0
+    mean: list[float] | None = Field(default=None, description="per channel, subtracted after scaling")
+    std: list[float] | None = Field(default=None, description="per channel, divided by after subtracting mean")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    @model_validator(mode="after")
+    def _normalization_per_channel(self) -> Preprocessing:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both 'mean' and 'std', or neither")
+        for field, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"'{field}' needs {self.channels} values for color {self.color!r}, got {len(values)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"'std' values must be > 0, got {self.std}")
+        return self
 
 
 class CalibrationSpec(Strict):
     data: Path = Field(description=".npz keyed by input name, .npy for single-input models, or an image folder")
-    labels: str | None = Field(default=None, description="key of the labels array in an .npz")
+    labels: str | None = Field(
+        default=None,
+        description="key of the labels array in an .npz; for an image folder, any value reads labels from class subfolders",
+    )
     preprocessing: Preprocessing | None = None
     min_samples: Annotated[int, Field(ge=1)] = 500
     max_samples: Annotated[int, Field(ge=1)] = 1024

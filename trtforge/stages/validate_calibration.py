@@ -117,14 +117,17 @@ def validate_calibration(spec: ModelSpec, data: Path | None = None, out_dir: Pat
     checks = build_checks(spec, cal, calibration, table, references)
     result, context, suite = _run_great_expectations(spec, table, checks)
 
-    by_id = {check_id: check for check_id, check in enumerate(checks)}
     failed: list[tuple[int, FailedExpectation]] = []
     for outcome in result.results:
         if outcome.success:
             continue
         config = outcome.expectation_config
         check_id = config.meta["check"]
-        details, samples = by_id[check_id].describe(outcome.result)
+        error = _evaluation_error(outcome.exception_info)
+        if error is None:
+            details, samples = checks[check_id].describe(outcome.result)
+        else:
+            details, samples = f"great-expectations could not evaluate it: {error}", []
         failed.append(
             (check_id, FailedExpectation(expectation=config.type, column=config.kwargs.get("column"), details=details, samples=samples))
         )
@@ -662,6 +665,16 @@ def _run_great_expectations(spec: ModelSpec, table, checks: list[Check]):
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [SAMPLE_COLUMN]},
     )
     return result, context, suite
+
+
+def _evaluation_error(exception_info: dict[str, Any] | None) -> str | None:
+    """The message of an exception raised while evaluating an expectation, if there was one."""
+    if not exception_info:
+        return None
+    # One record, or one record per metric that was computed for the expectation.
+    records = [exception_info] if "raised_exception" in exception_info else list(exception_info.values())
+    messages = [str(r.get("exception_message")) for r in records if isinstance(r, dict) and r.get("raised_exception")]
+    return "; ".join(messages) or None
 
 
 def _write_json_atomic(path: Path, payload: Any) -> Path:
