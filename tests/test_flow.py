@@ -64,7 +64,12 @@ def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
     assert set(manifest.targets) == {target.tag}
     entry = manifest.targets[target.tag]
     assert {"engine", "build.json", "gate.json"} <= set(entry.files)
-    assert manifest.lineage["checkpoint_sha256"] == summary.targets[0].record["source_onnx_sha256"] or manifest.lineage["checkpoint_sha256"]
+    checkpoint = tmp_path / "ckpt" / "digits.safetensors"
+    from trtforge.hashing import sha256_file
+
+    assert manifest.lineage.checkpoint_sha256 == sha256_file(checkpoint)
+    assert manifest.lineage.onnx_sha256 == target.record["source_onnx_sha256"]
+    assert manifest.lineage.code_version
     assert manifest.environment["onnxruntime"]
     report = (summary.run_dir / "report.md").read_text()
     assert "published version 1" in report and target.tag in report

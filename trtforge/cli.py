@@ -117,3 +117,159 @@ def validate_calibration_command(
             typer.echo(f"data docs: {report.data_docs}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("check")
+def check_command(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to check, e.g. artifacts/.../model.sim.onnx.")],
+    plugins: Annotated[
+        Optional[list[str]],
+        typer.Option("--plugin", help="An op domain or op type served by a TensorRT plugin (repeatable)."),
+    ] = None,
+    tensorrt_version: Annotated[
+        Optional[str], typer.Option("--tensorrt-version", help="Check for this TensorRT release, e.g. 10.1.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check every node against TensorRT (its parser if installed, else its operator table); exit 1 if any is unsupported."""
+    from trtforge.stages.check_ops import check_ops
+
+    report = check_ops(model, plugins=plugins or (), tensorrt_version=tensorrt_version)
+    if as_json:
+        print_json(report.model_dump(mode="json"))
+    else:
+        typer.echo(report.format_table())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# --- registry: ls, show, pull, promote, gc (core install only) -----------------------------------
+
+RegistryUriOption = Annotated[
+    Optional[str],
+    typer.Option("--registry", help="file://PATH or s3://BUCKET/PREFIX (default: $TRTFORGE_REGISTRY, then file://artifacts/registry)."),
+]
+
+
+def _registry(uri: str | None):
+    from trtforge.registry import open_registry
+
+    return open_registry(uri)
+
+
+def _metrics_text(gate: dict[str, Any] | None) -> str:
+    metrics = (gate or {}).get("metrics") or {}
+    return " ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in metrics.items()) or "-"
+
+
+@app.command("ls")
+def ls_command(
+    model: Annotated[str, typer.Argument(help="Model name, e.g. digits-cnn.")],
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List a model's versions with their targets and gate results, and its aliases."""
+    listing = _registry(registry).describe(model)
+    if as_json:
+        print_json(listing.model_dump(mode="json"))
+        return
+    typer.echo(f"{listing.model} in {listing.registry}")
+    typer.echo("aliases: " + (", ".join(f"{alias} -> {version}" for alias, version in listing.aliases.items()) or "none"))
+    for version in listing.versions:
+        marks = f"  [{', '.join(version.aliases)}]" if version.aliases else ""
+        typer.echo(f"version {version.version}  {version.created_at:%Y-%m-%d %H:%M:%S} UTC{marks}")
+        for target in version.targets:
+            built = " ".join(part for part in (target.backend, target.runtime_version, target.arch or "cpu", target.precision) if part)
+            typer.echo(f"  {target.tag}  {built}  gate: {_metrics_text(target.gate)}")
+
+
+@app.command("show")
+def show_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show the manifest of one version: targets, files with SHA-256, lineage, environment."""
+    manifest = _registry(registry).manifest(model, version)
+    if as_json:
+        print_json(manifest.model_dump(mode="json"))
+        return
+    typer.echo(f"{manifest.model} version {manifest.version}, published {manifest.created_at:%Y-%m-%d %H:%M:%S} UTC")
+    typer.echo("lineage:")
+    for name, value in manifest.lineage.model_dump().items():
+        typer.echo(f"  {name}: {value}")
+    typer.echo("environment: " + ", ".join(f"{name} {value}" for name, value in manifest.environment.items() if value))
+    for entry in manifest.targets.values():
+        typer.echo(f"target {entry.tag}  gate: {_metrics_text(entry.record.get('gate'))}")
+        for name, file in entry.files.items():
+            typer.echo(f"  {name}  {file.size} bytes  sha256 {file.sha256}")
+
+
+@app.command("pull")
+def pull_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the target's files into.")],
+    version: Annotated[Optional[int], typer.Option("--version", help="Version number (default: the alias).")] = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Alias to resolve (default: latest).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="'auto' (this host's GPU, through NVML) or e.g. sm_90.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16, bf16, int8 or fp8.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="tensorrt or onnxruntime.")] = None,
+    tag: Annotated[Optional[str], typer.Option("--tag", "--target", help="Exact target tag, e.g. trt10.3-sm90-fp16-b1_32_128.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")] = None,
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Download the engine that fits this host, verify its SHA-256, and write it atomically."""
+    result = _registry(registry).pull(
+        model, output, version=version, alias=alias, tag=tag, arch=arch, precision=precision, backend=backend, cache_dir=cache_dir
+    )
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+        return
+    source = "from the local cache" if result.cached else "downloaded and verified"
+    typer.echo(f"pulled {result.model} version {result.version} target {result.tag} ({source})")
+    for file in result.files:
+        typer.echo(f"  {file.path}  sha256 {file.sha256}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+
+
+@app.command("promote")
+def promote_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version to point the alias at (older ones too: a rollback).")],
+    alias: Annotated[str, typer.Option("--alias", help="Alias to move, e.g. prod.")],
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Point an alias at a published version (compare-and-swap: concurrent moves never overwrite blindly)."""
+    store = _registry(registry)
+    store.promote(model, version, alias)
+    if as_json:
+        print_json({"model": model, "alias": alias, "version": version})
+    else:
+        typer.echo(f"{model}: {alias} -> version {version}")
+
+
+@app.command("gc")
+def gc_command(
+    older_than: Annotated[float, typer.Option("--older-than", min=0, help="Only remove leftovers older than this many hours.")] = 24.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Remove what crashed publishes left: versions without a manifest, unfinished uploads. Never a published version."""
+    from datetime import timedelta
+
+    report = _registry(registry).gc(older_than=timedelta(hours=older_than), dry_run=dry_run)
+    if as_json:
+        print_json(report.model_dump(mode="json"))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for version in report.versions:
+        typer.echo(f"{verb} unfinished {version.model} version {version.version} ({version.objects} objects, {version.bytes} bytes)")
+    for upload in report.uploads:
+        typer.echo(f"{verb} unfinished upload of {upload.key} (started {upload.initiated:%Y-%m-%d %H:%M:%S} UTC)")
+    if not report.versions and not report.uploads:
+        typer.echo(f"nothing to remove in {report.registry} older than {older_than:g} h")

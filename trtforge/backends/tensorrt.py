@@ -1,0 +1,763 @@
+"""TensorRT backend: strongly typed engines built through polygraphy's loaders, and a runner for them.
+
+Precision comes from the ONNX itself (AutoCast fp16/bf16, explicit Q/DQ for int8/fp8), so the
+network is always strongly typed and no precision flag or calibrator is ever set: that is the
+only way TensorRT 11 builds, and it works the same on TensorRT 10.
+
+The engine file is a plain TensorRT plan, readable by trtexec and Triton. Everything about how
+it was built goes beside it: ``build.json`` (versions, GPU, every builder setting, profiles,
+timing, size) and ``layers.json`` (the engine inspector's layer information).
+
+TensorRT, polygraphy and the CUDA runtime are imported only when a build or a runner needs
+them, so this module imports (and reports why it cannot build) on any machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from trtforge.backends.base import Availability, BuiltEngine, register_backend, target_tag
+from trtforge.errors import SpecError, StageError, TrtforgeError
+from trtforge.gpu import GpuInfo, LocalGpus, capability_from_arch, detect_gpus
+from trtforge.hashing import sha256_file
+from trtforge.profiles import ShapeProfile, derive_profiles
+from trtforge.spec import BackendName, ModelSpec, Precision, Target
+
+STAGE = "build"
+ENGINE_FILE = "engine.plan"
+RECORD_FILE = "build.json"
+LAYERS_FILE = "layers.json"
+MIN_TENSORRT_MAJOR = 10
+INSTALL_HINT = (
+    "install it from NVIDIA's pip index (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13) "
+    "or run the NGC TensorRT container (see infra/worker/README.md)"
+)
+RuntimeKind = Literal["full", "lean"]
+
+
+# --- what this process can do --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRTProbe:
+    """The TensorRT this process can import, or why it cannot."""
+
+    version: str | None
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.reason
+
+
+def probe_tensorrt() -> TensorRTProbe:
+    if importlib.util.find_spec("polygraphy") is None:
+        return TensorRTProbe(None, "polygraphy is not installed on this worker: pip install 'trtforge[pipeline]'")
+    if importlib.util.find_spec("tensorrt") is None:
+        return TensorRTProbe(None, f"TensorRT is not installed on this worker: {INSTALL_HINT}")
+    try:
+        trt = importlib.import_module("tensorrt")
+    except (ImportError, OSError) as err:
+        return TensorRTProbe(
+            None, f"TensorRT is installed on this worker but its libraries do not load ({err}): {INSTALL_HINT}"
+        )
+    version = str(trt.__version__)
+    if int(version.split(".")[0]) < MIN_TENSORRT_MAJOR:
+        return TensorRTProbe(
+            version,
+            f"TensorRT {version} on this worker is too old: trtforge builds strongly typed networks, which need "
+            f"TensorRT {MIN_TENSORRT_MAJOR} or newer; {INSTALL_HINT}",
+        )
+    return TensorRTProbe(version)
+
+
+def _major(arch: str) -> int:
+    return capability_from_arch(arch)[0]
+
+
+def select_gpu(target: Target, gpus: LocalGpus) -> GpuInfo | None:
+    """The local GPU that can build ``target``: one of its compute capability, or any Ampere-or-newer
+    GPU when the target asks for an ``ampere_plus`` hardware-compatible engine."""
+    exact = gpus.with_arch(target.arch)
+    if exact is not None:
+        return exact
+    if target.hardware_compatibility == "ampere_plus" and _major(target.arch) >= 8:
+        return next((gpu for gpu in gpus.gpus if _major(gpu.compute_capability) >= 8), None)
+    return None
+
+
+def availability_for(target: Target, tensorrt: TensorRTProbe, gpus: LocalGpus) -> Availability:
+    """Whether a process with this TensorRT and these GPUs can build and run ``target``, and if not,
+    every reason why, each with what to do about it."""
+    if target.backend is not BackendName.TENSORRT:
+        return Availability(False, f"target backend is {target.backend.value!r}, not 'tensorrt'")
+    reasons = []
+    if not tensorrt.usable:
+        reasons.append(tensorrt.reason)
+    if not gpus.available:
+        reasons.append(f"{gpus.reason}: run this target on a worker of pool {target.pool}")
+    elif select_gpu(target, gpus) is None:
+        local = ", ".join(f"{gpu.name} ({gpu.compute_capability})" for gpu in gpus.gpus)
+        hint = f"run it on a worker of pool {target.pool}"
+        if target.hardware_compatibility != "ampere_plus" and _major(target.arch) >= 8:
+            if any(_major(gpu.compute_capability) >= 8 for gpu in gpus.gpus):
+                hint += ", or set hardware_compatibility: ampere_plus to build it on any Ampere or newer GPU"
+        reasons.append(f"this worker's GPUs are {local} but the target needs {target.arch}: {hint}")
+    if reasons:
+        return Availability(False, "; ".join(reasons))
+    return Availability(True)
+
+
+# --- build settings and the build record ---------------------------------------------------------
+
+
+class TensorRTBuildSettings(BaseModel):
+    """Every builder setting of one build, derived from the target; recorded in build.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strongly_typed: bool
+    tf32: bool
+    builder_optimization_level: int
+    workspace_bytes: int | None
+    tiling_optimization_level: Literal["none", "fast", "moderate", "full"] | None
+    hardware_compatibility_level: Literal["none", "ampere_plus", "same_compute_capability"]
+    version_compatible: bool
+    exclude_lean_runtime: bool
+    profiling_verbosity: Literal["detailed"]
+    profiles: list[dict[str, dict[str, list[int]]]]
+
+
+def build_settings(spec: ModelSpec, target: Target) -> TensorRTBuildSettings:
+    """The builder settings for ``target``, checked for combinations TensorRT would refuse."""
+    where = f"targets[{spec.targets.index(target)}]" if target in spec.targets else "target"
+    if target.backend is not BackendName.TENSORRT:
+        raise SpecError(f"spec {spec.name!r}: {where} has backend {target.backend.value!r}, not 'tensorrt'")
+    if target.exclude_lean_runtime and not target.version_compatible:
+        raise SpecError(
+            f"spec {spec.name!r}: {where}.exclude_lean_runtime only applies to version-compatible engines: "
+            f"set version_compatible: true, or remove exclude_lean_runtime"
+        )
+    if target.hardware_compatibility == "ampere_plus" and _major(target.arch) < 8:
+        raise SpecError(
+            f"spec {spec.name!r}: {where}.hardware_compatibility ampere_plus needs an Ampere or newer arch "
+            f"(sm_80 and up), not {target.arch}: use 'none' or 'same_compute_capability'"
+        )
+    # TF32 stays off: the FP32 gate compares against PyTorch FP32, and TF32 matmuls would blur that.
+    return TensorRTBuildSettings(
+        strongly_typed=True,
+        tf32=False,
+        builder_optimization_level=target.optimization_level,
+        workspace_bytes=target.workspace_mb * 1024 * 1024 if target.workspace_mb else None,
+        tiling_optimization_level=target.tiling_optimization_level,
+        hardware_compatibility_level=target.hardware_compatibility,
+        version_compatible=target.version_compatible,
+        exclude_lean_runtime=target.exclude_lean_runtime,
+        profiling_verbosity="detailed",
+        profiles=[profile.to_dict() for profile in derive_profiles(spec, target)],
+    )
+
+
+class TimingCacheUse(BaseModel):
+    """What a build did with its timing cache.
+
+    ``new``: there was none, this build's is saved. ``loaded``: TensorRT used it, and it is saved
+    back with this build's tactics added. ``foreign``: TensorRT refused it (another GPU model of
+    the same compute capability wrote it); it is left as it is and the build ran without one.
+    ``unreadable``: not a timing cache; replaced by this build's.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    status: Literal["new", "loaded", "foreign", "unreadable"]
+    loaded_bytes: int
+    saved_bytes: int
+
+
+class TensorRTBuildRecord(BaseModel):
+    """Exactly how one engine was built (build.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["tensorrt"] = "tensorrt"
+    tag: str
+    model: str
+    precision: str
+    target_arch: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    driver_version: str | None
+    cuda_driver_version: str | None
+    settings: TensorRTBuildSettings
+    timing_cache: TimingCacheUse | None
+    onnx_file: str
+    onnx_sha256: str
+    engine_file: str
+    engine_bytes: int
+    engine_sha256: str
+    build_seconds: float
+    layer_count: int
+    built_at: str
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _precisions_in(model) -> set[Precision]:
+    """The reduced precisions an ONNX graph computes in: from Q/DQ zero points (or quantized
+    initializers) and from float16/bfloat16 initializers and casts."""
+    from onnx import TensorProto
+
+    initializers = {init.name: init.data_type for init in model.graph.initializer}
+    found: set[Precision] = set()
+    quantized_types = {
+        TensorProto.INT8: Precision.INT8,
+        TensorProto.UINT8: Precision.INT8,
+        TensorProto.FLOAT8E4M3FN: Precision.FP8,
+        TensorProto.FLOAT8E5M2: Precision.FP8,
+    }
+    half_types = {TensorProto.FLOAT16: Precision.FP16, TensorProto.BFLOAT16: Precision.BF16}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            typed = [initializers[name] for name in node.input[1:] if name in initializers]
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+                typed.append(initializers[node.input[0]])
+            kinds = {quantized_types[t] for t in typed if t in quantized_types}
+            # Without a zero point, Q/DQ default to uint8.
+            found |= kinds or {Precision.INT8}
+        elif node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to in half_types:
+                found.add(half_types[to])
+    found |= {half_types[t] for t in initializers.values() if t in half_types}
+    return found
+
+
+def check_onnx_precision(onnx_path: Path, precision: Precision) -> None:
+    """Refuse an ONNX model that does not carry ``precision``: a strongly typed network is built in
+    the types the ONNX has, so an unconverted model would give an fp32 engine under another name
+    (and a quantized one an int8 engine named fp32)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, OSError or ValueError depending on how the file is broken
+        raise StageError(STAGE, f"{onnx_path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
+    found = _precisions_in(model)
+    if precision is Precision.FP32:
+        quantized = sorted(p.value for p in found if p.needs_calibration)
+        if quantized:
+            raise StageError(
+                STAGE,
+                f"{onnx_path} has {'/'.join(quantized)} Q/DQ nodes, so the engine would not be fp32: "
+                f"give this target the unquantized model, or set its precision to {quantized[0]}",
+            )
+        return
+    if precision not in found:
+        missing = f"{precision.value} Q/DQ nodes" if precision.needs_calibration else f"{precision.value} tensors"
+        raise StageError(
+            STAGE,
+            f"{onnx_path} has no {missing}: "
+            f"TensorRT builds it in the types it carries, so the engine would not be {precision.value}; "
+            f"convert it with the precision stage (ModelOpt) for this target first",
+        )
+
+
+# --- CUDA runtime through polygraphy's wrapper (no torch, no cuda-python) ------------------------
+
+
+def _cudart():
+    from polygraphy import cuda
+
+    return cuda.wrapper().handle
+
+
+def _check_cuda(status: int, what: str) -> None:
+    if status != 0:
+        raise StageError("cuda", f"{what} failed with cudaError {status} (see cudaError_t in the CUDA runtime API)")
+
+
+def _use_gpu(gpu: GpuInfo) -> None:
+    """Make ``gpu`` the current CUDA device; NVML and CUDA number GPUs differently, the PCI bus id is shared."""
+    cudart = _cudart()
+    device = ctypes.c_int()
+    if cudart.cudaDeviceGetByPCIBusId(ctypes.byref(device), gpu.pci_bus_id.encode()) != 0:
+        raise StageError(
+            STAGE,
+            f"GPU {gpu.name} ({gpu.pci_bus_id}) is not visible to CUDA in this process: "
+            f"check CUDA_VISIBLE_DEVICES and the container's --gpus option",
+        )
+    _check_cuda(cudart.cudaSetDevice(device), "cudaSetDevice")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    warmup: int
+
+
+def time_on_stream(enqueue: Callable[[], None], stream_ptr: int, runs: int = 200, warmup: int = 20) -> LatencyStats:
+    """Latency of ``enqueue`` (work it puts on the stream) measured with CUDA events, one run at a time."""
+    if runs < 1 or warmup < 0:
+        raise TrtforgeError(f"latency measurement needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    cudart = _cudart()
+    stream = ctypes.c_void_p(stream_ptr)
+    start, end = ctypes.c_void_p(), ctypes.c_void_p()
+    _check_cuda(cudart.cudaEventCreate(ctypes.byref(start)), "cudaEventCreate")
+    try:
+        _check_cuda(cudart.cudaEventCreate(ctypes.byref(end)), "cudaEventCreate")
+        try:
+            for _ in range(warmup):
+                enqueue()
+            _check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            times = []
+            elapsed = ctypes.c_float()
+            for _ in range(runs):
+                _check_cuda(cudart.cudaEventRecord(start, stream), "cudaEventRecord")
+                enqueue()
+                _check_cuda(cudart.cudaEventRecord(end, stream), "cudaEventRecord")
+                _check_cuda(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+                _check_cuda(cudart.cudaEventElapsedTime(ctypes.byref(elapsed), start, end), "cudaEventElapsedTime")
+                times.append(elapsed.value)
+        finally:
+            cudart.cudaEventDestroy(end)
+    finally:
+        cudart.cudaEventDestroy(start)
+    samples = np.asarray(times, dtype=np.float64)
+    return LatencyStats(
+        median_ms=float(np.median(samples)),
+        p99_ms=float(np.percentile(samples, 99)),
+        mean_ms=float(samples.mean()),
+        min_ms=float(samples.min()),
+        runs=runs,
+        warmup=warmup,
+    )
+
+
+# --- the runner ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileLatency:
+    profile: int
+    shapes: dict[str, list[int]]
+    stats: LatencyStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _runtime_module(kind: RuntimeKind):
+    # The lean runtime ships as its own package (tensorrt_lean); its bindings-only wheel names it tensorrt_lean_bindings.
+    candidates = {"full": ("tensorrt",), "lean": ("tensorrt_lean", "tensorrt_lean_bindings")}[kind]
+    errors = []
+    for name in candidates:
+        try:
+            return importlib.import_module(name)
+        except (ImportError, OSError) as err:
+            errors.append(f"{name}: {err}")
+    package = "tensorrt-lean-cu13 (NVIDIA's pip index)" if kind == "lean" else "TensorRT"
+    raise StageError("load", f"the {kind} TensorRT runtime is not importable here ({'; '.join(errors)}): install {package}")
+
+
+class TensorRTRunner:
+    """Runs a TensorRT plan on the current CUDA device: one execution context, one stream.
+
+    Each ``run`` picks the first optimization profile whose min..max covers the batch's shapes.
+    """
+
+    def __init__(self, engine_path: Path, runtime: RuntimeKind = "full"):
+        from polygraphy import cuda
+
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise StageError("load", f"engine file {self.engine_path} does not exist: build the target first")
+        trt = _runtime_module(runtime)
+        self.runtime_kind = runtime
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        if hasattr(trt, "init_libnvinfer_plugins"):
+            trt.init_libnvinfer_plugins(self._logger, "")
+        self._runtime = trt.Runtime(self._logger)
+        # Version-compatible engines carry the lean runtime that runs them as host code.
+        self._runtime.engine_host_code_allowed = True
+        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self._engine is None:
+            raise StageError(
+                "load",
+                f"TensorRT {trt.__version__} ({runtime} runtime) could not deserialize {self.engine_path}: it is not "
+                f"a TensorRT plan, or it was built by another TensorRT version or for another GPU (TensorRT's log "
+                f"above says which); rebuild it on a worker of its pool, or build it version_compatible / hardware "
+                f"compatible",
+            )
+        self._context = self._engine.create_execution_context()
+        self._stream = cuda.Stream()
+        self._buffers: dict[str, Any] = {}
+        names = [self._engine.get_tensor_name(index) for index in range(self._engine.num_io_tensors)]
+        self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        shape_inputs = [n for n in self.input_names if self._engine.is_shape_inference_io(n)]
+        if shape_inputs:
+            raise StageError("load", f"{self.engine_path} has shape-tensor inputs {shape_inputs}, which trtforge does not feed")
+        self._dtypes = {}
+        for name in names:
+            try:
+                self._dtypes[name] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            except TypeError:
+                raise StageError(
+                    "load",
+                    f"{self.engine_path}: tensor {name!r} is {self._engine.get_tensor_dtype(name)}, which numpy cannot "
+                    f"hold; convert the model keeping its input/output types (keep_io_types) and rebuild",
+                ) from None
+        self.profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = [
+            {
+                name: tuple(tuple(int(d) for d in shape) for shape in self._engine.get_tensor_profile_shape(name, index))
+                for name in self.input_names
+            }
+            for index in range(self._engine.num_optimization_profiles)
+        ]
+        self._active_profile = 0
+
+    def __enter__(self) -> TensorRTRunner:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.free()
+        self._buffers.clear()
+        if self._stream is not None:
+            self._stream.free()
+            self._stream = None
+        self._context = None
+        self._engine = None
+
+    def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        for index, profile in enumerate(self.profiles):
+            if all(
+                len(shapes[name]) == len(low)
+                and all(lo <= d <= hi for d, lo, hi in zip(shapes[name], low, high, strict=True))
+                for name, (low, _, high) in profile.items()
+            ):
+                return index
+        allowed = "; ".join(
+            ", ".join(f"{name} {list(low)}..{list(high)}" for name, (low, _, high) in profile.items())
+            for profile in self.profiles
+        )
+        raise TrtforgeError(
+            f"input shapes {dict((n, list(s)) for n, s in shapes.items())} fit no optimization profile of "
+            f"{self.engine_path} (profiles: {allowed}): split the batch, or add a profile covering it to the target"
+        )
+
+    def _as_input(self, name: str, value: np.ndarray) -> np.ndarray:
+        expected = self._dtypes[name]
+        array = np.asarray(value)
+        if array.dtype != expected and array.dtype.kind != expected.kind:
+            raise TrtforgeError(
+                f"input {name!r} of {self.engine_path} takes {expected}, got {array.dtype}: convert the data first"
+            )
+        return np.ascontiguousarray(array, dtype=expected)
+
+    def _device_buffer(self, name: str, shape: tuple[int, ...]):
+        from polygraphy import cuda
+        from polygraphy.datatype import DataType
+
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = cuda.DeviceArray(shape=shape, dtype=DataType.from_dtype(self._dtypes[name]))
+        else:
+            buffer.resize(shape)
+        self._context.set_tensor_address(name, buffer.ptr)
+        return buffer
+
+    def _prepare(self, arrays: dict[str, np.ndarray], profile: int) -> dict[str, tuple[int, ...]]:
+        """Bind inputs (copied to the GPU) and output buffers; returns the output shapes."""
+        if profile != self._active_profile:
+            if not self._context.set_optimization_profile_async(profile, self._stream.ptr):
+                raise StageError("run", f"TensorRT refused optimization profile {profile} of {self.engine_path}")
+            self._active_profile = profile
+        for name, array in arrays.items():
+            if not self._context.set_input_shape(name, array.shape):
+                raise TrtforgeError(f"TensorRT refused shape {list(array.shape)} for input {name!r} of {self.engine_path}")
+            self._device_buffer(name, array.shape).copy_from(array, self._stream)
+        output_shapes = {}
+        for name in self.output_names:
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise StageError(
+                    "run",
+                    f"output {name!r} of {self.engine_path} has a data-dependent shape {list(shape)}, "
+                    f"which trtforge does not serve",
+                )
+            self._device_buffer(name, shape)
+            output_shapes[name] = shape
+        return output_shapes
+
+    def _enqueue(self) -> None:
+        if not self._context.execute_async_v3(self._stream.ptr):
+            raise StageError("run", f"TensorRT failed to run {self.engine_path} (its log above says why)")
+
+    def _validated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise TrtforgeError(f"missing inputs {missing} for {self.engine_path}; it takes {self.input_names}")
+        return {name: self._as_input(name, feeds[name]) for name in self.input_names}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = self._validated(feeds)
+        output_shapes = self._prepare(arrays, self._profile_for({n: a.shape for n, a in arrays.items()}))
+        self._enqueue()
+        outputs = {}
+        for name, shape in output_shapes.items():
+            outputs[name] = np.empty(shape, dtype=self._dtypes[name])
+            self._buffers[name].copy_to(outputs[name], self._stream)
+        self._stream.synchronize()
+        return outputs
+
+    def measure_latency(self, runs: int = 200, warmup: int = 20, seed: int = 0) -> list[ProfileLatency]:
+        """GPU latency of one inference at each profile's opt shapes: median and p99 over ``runs``."""
+        rng = np.random.default_rng(seed)
+        results = []
+        for index, profile in enumerate(self.profiles):
+            arrays = {}
+            for name, (_, opt, _) in profile.items():
+                dtype = self._dtypes[name]
+                # Random values for float inputs; zeros for integer ones, which are valid ids and masks.
+                arrays[name] = rng.random(opt).astype(dtype) if dtype.kind == "f" else np.zeros(opt, dtype=dtype)
+            self._prepare(arrays, index)
+            stats = time_on_stream(self._enqueue, self._stream.ptr, runs=runs, warmup=warmup)
+            results.append(ProfileLatency(index, {n: list(a.shape) for n, a in arrays.items()}, stats))
+        return results
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def runtime_version(self) -> str | None:
+        return probe_tensorrt().version
+
+    def availability(self, target: Target) -> Availability:
+        return availability_for(target, probe_tensorrt(), detect_gpus())
+
+    def build(
+        self,
+        onnx_path: Path,
+        target: Target,
+        spec: ModelSpec,
+        out_dir: Path,
+        *,
+        timing_cache: Path | None = None,
+    ) -> BuiltEngine:
+        """Build ``onnx_path`` for ``target`` into ``out_dir``: engine.plan, build.json and layers.json.
+
+        ``timing_cache`` is loaded before the build when it exists and saved (merged with whatever
+        another build wrote there meanwhile) after it.
+        """
+        settings = build_settings(spec, target)
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise StageError(STAGE, f"ONNX model {onnx_path} does not exist: run the export and precision stages first")
+        check_onnx_precision(onnx_path, target.precision)
+        probe = probe_tensorrt()
+        gpus = detect_gpus()
+        availability = availability_for(target, probe, gpus)
+        if not availability.available:
+            raise StageError(STAGE, f"cannot build the {target.arch} target on this worker: {availability.reason}")
+        gpu = select_gpu(target, gpus)
+        _use_gpu(gpu)
+
+        trt = importlib.import_module("tensorrt")
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            engine_bytes, build_seconds, cache_use = _build_serialized(trt, onnx_path, settings, timing_cache)
+            layers = _layer_information(trt, engine_bytes)
+        except PolygraphyException as err:
+            raise StageError(STAGE, f"TensorRT could not build {onnx_path} for {target.arch}: {err}") from None
+
+        out_dir = Path(out_dir)
+        engine_path = out_dir / ENGINE_FILE
+        _write_atomic(engine_path, engine_bytes)
+
+        layers_path = out_dir / LAYERS_FILE
+        _write_atomic(layers_path, json.dumps(layers, indent=2).encode())
+        tag = target_tag(target, spec, probe.version)
+        record = TensorRTBuildRecord(
+            tag=tag,
+            model=spec.name,
+            precision=target.precision.value,
+            target_arch=target.arch,
+            tensorrt_version=probe.version,
+            gpu_name=gpu.name,
+            compute_capability=gpu.compute_capability,
+            driver_version=gpus.driver_version,
+            cuda_driver_version=gpus.cuda_driver_version,
+            settings=settings,
+            timing_cache=cache_use,
+            onnx_file=onnx_path.name,
+            onnx_sha256=sha256_file(onnx_path),
+            engine_file=ENGINE_FILE,
+            engine_bytes=len(engine_bytes),
+            engine_sha256=sha256_file(engine_path),
+            build_seconds=round(build_seconds, 3),
+            layer_count=len(layers.get("Layers", [])),
+            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        record_path = out_dir / RECORD_FILE
+        _write_atomic(record_path, record.model_dump_json(indent=2).encode())
+        return BuiltEngine(
+            tag=tag,
+            engine_path=engine_path,
+            record=record.model_dump(mode="json"),
+            extra_files={RECORD_FILE: record_path, LAYERS_FILE: layers_path},
+        )
+
+    def load_runner(self, engine_path: Path, *, runtime: RuntimeKind = "full") -> TensorRTRunner:
+        """A runner for a plan; ``runtime="lean"`` loads it with the lean runtime (version-compatible engines)."""
+        return TensorRTRunner(engine_path, runtime=runtime)
+
+
+def _enum_member(enum: Any, value: str, setting: str, version: str) -> Any:
+    try:
+        return getattr(enum, value.upper())
+    except AttributeError:
+        raise StageError(
+            STAGE, f"TensorRT {version} has no {setting} {value!r}: upgrade TensorRT on this worker or change the target"
+        ) from None
+
+
+def _build_serialized(
+    trt, onnx_path: Path, settings: TensorRTBuildSettings, timing_cache: Path | None
+) -> tuple[bytes, float, TimingCacheUse | None]:
+    """The serialized engine, the seconds the builder took, and what happened to the timing cache."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    version = trt.__version__
+    profiles = []
+    for shape_profile in (ShapeProfile.from_dict(p) for p in settings.profiles):
+        profile = Profile()
+        for shapes in shape_profile.inputs:
+            profile.add(shapes.name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+        profiles.append(profile)
+    if not hasattr(trt, "TilingOptimizationLevel") and settings.tiling_optimization_level is not None:
+        raise StageError(
+            STAGE,
+            f"TensorRT {version} has no tiling optimization level (TensorRT 10.8 added it): "
+            f"remove tiling_optimization_level from the target or upgrade TensorRT",
+        )
+    create_config = CreateConfig(
+        profiles=profiles,
+        tf32=settings.tf32,
+        builder_optimization_level=settings.builder_optimization_level,
+        memory_pool_limits=(
+            {trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes} if settings.workspace_bytes is not None else None
+        ),
+        tiling_optimization_level=(
+            _enum_member(trt.TilingOptimizationLevel, settings.tiling_optimization_level, "tiling optimization level", version)
+            if settings.tiling_optimization_level is not None
+            else None
+        ),
+        hardware_compatibility_level=(
+            _enum_member(
+                trt.HardwareCompatibilityLevel, settings.hardware_compatibility_level, "hardware compatibility level", version
+            )
+            if settings.hardware_compatibility_level != "none"
+            else None
+        ),
+        version_compatible=settings.version_compatible,
+        exclude_lean_runtime=settings.exclude_lean_runtime,
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+    )
+    builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=settings.strongly_typed)()
+    config = create_config(builder, network)
+    status, loaded_bytes = _load_timing_cache(config, timing_cache) if timing_cache is not None else ("new", 0)
+    started = time.perf_counter()
+    engine_bytes = EngineBytesFromNetwork((builder, network, parser), config=config)()
+    build_seconds = time.perf_counter() - started
+    cache_use = None
+    if timing_cache is not None:
+        saved_bytes = 0 if status == "foreign" else _save_timing_cache(config, timing_cache, merge=status != "unreadable")
+        cache_use = TimingCacheUse(path=str(timing_cache), status=status, loaded_bytes=loaded_bytes, saved_bytes=saved_bytes)
+    return bytes(memoryview(engine_bytes)), build_seconds, cache_use
+
+
+def _load_timing_cache(config, path: Path) -> tuple[str, int]:
+    """Give the builder the cache at ``path`` (CreateConfig set an empty one); returns the
+    ``TimingCacheUse.status`` and the bytes read. Caches are replaced atomically, so reading needs no lock."""
+    data = path.read_bytes() if path.is_file() else b""
+    if not data:
+        return "new", 0
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # TensorRT's bindings raise their own error types for a blob that is not a cache
+        cache = None
+    if cache is None:
+        return "unreadable", len(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        return "foreign", len(data)
+    return "loaded", len(data)
+
+
+def _save_timing_cache(config, path: Path, merge: bool) -> int:
+    """Save the build's timing cache to ``path``, merged (when ``merge``) with whatever another build
+    saved there meanwhile."""
+    from polygraphy import util
+
+    cache = config.get_timing_cache()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with util.LockFile(str(path)):
+        if merge and path.is_file() and path.stat().st_size:
+            cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=False)
+        with cache.serialize() as serialized:
+            data = bytes(memoryview(serialized))
+        _write_atomic(path, data)
+    return len(data)
+
+
+def _layer_information(trt, engine_bytes: bytes) -> dict[str, Any]:
+    """The engine inspector's JSON: ``Layers`` (one entry per layer) and ``Bindings``."""
+    from polygraphy.backend.trt import EngineFromBytes
+
+    engine = EngineFromBytes(engine_bytes)()
+    inspector = engine.create_engine_inspector()
+    text = inspector.get_engine_information(trt.LayerInformationFormat.JSON) if inspector is not None else ""
+    return json.loads(text) if text else {"Layers": [], "Bindings": []}
+
+
+register_backend(TensorRTBackend())

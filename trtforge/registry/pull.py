@@ -1,0 +1,302 @@
+"""Pulling: which engine of a version fits this host, and getting its files here intact.
+
+Choosing: a tag names one target outright; otherwise backend and precision filter, and an
+architecture (``sm_90``, or ``auto`` for this host's GPU read through NVML) keeps the engines
+that run on it, an exact compute-capability match before a hardware-compatible one. Where
+TensorRT is installed, engines it cannot deserialize (built by another TensorRT version and
+not version-compatible) are refused by name.
+
+Fetching: every file is downloaded into a local cache keyed by SHA-256, checked against the
+manifest there, and only then linked (or copied) into the destination through a temp file
+and a rename, so a corrupted object never reaches the destination and a repeated pull
+downloads nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from trtforge.errors import IntegrityError, NotFoundError, RegistryError
+from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
+from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
+from trtforge.registry.storage import ObjectStore, sha256_of
+
+CACHE_ENV = "TRTFORGE_CACHE_DIR"
+_ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
+_EXACT, _HARDWARE_COMPATIBLE = 0, 1
+
+
+def normalize_arch(value: str) -> str:
+    """``sm_90``, ``sm90``, ``90`` or ``9.0`` -> ``sm_90``."""
+    match = _ARCH_INPUT.match(value.strip().lower())
+    if match is None:
+        raise RegistryError(f"invalid GPU architecture {value!r}: use a compute capability like sm_90 or 8.6, or 'auto'")
+    return arch_from_capability(int(match.group(1)), int(match.group(2)))
+
+
+def _arch_or_none(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return normalize_arch(value)
+    except RegistryError:
+        return None
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What pulling needs from a target's free-form build record, whichever backend wrote it."""
+
+    backend: str | None
+    precision: str | None
+    device: str | None
+    arch: str | None
+    runtime_version: str | None
+    hardware_compatibility: str
+    version_compatible: bool
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> EngineFacts:
+        settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+        # The GPU the engine was built on wins over the arch the target asked for.
+        arch = next(
+            (a for a in map(_arch_or_none, (record.get("compute_capability"), record.get("target_arch"), record.get("arch"))) if a),
+            None,
+        )
+        runtime = record.get("runtime_version") or record.get("tensorrt_version")
+        return cls(
+            backend=record.get("backend"),
+            precision=record.get("precision"),
+            device=record.get("device") or ("gpu" if arch else None),
+            arch=arch,
+            runtime_version=str(runtime) if runtime else None,
+            hardware_compatibility=str(
+                record.get("hardware_compatibility") or settings.get("hardware_compatibility_level") or "none"
+            ),
+            version_compatible=bool(record.get("version_compatible", settings.get("version_compatible", False))),
+        )
+
+    def describe(self) -> str:
+        parts = [p for p in (self.backend, self.runtime_version, self.arch or self.device, self.precision) if p]
+        if self.hardware_compatibility not in ("none", ""):
+            parts.append(f"hardware-compatible {self.hardware_compatibility}")
+        if self.version_compatible:
+            parts.append("version-compatible")
+        return " ".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": self.device,
+            "arch": self.arch,
+            "runtime_version": self.runtime_version,
+            "hardware_compatibility": self.hardware_compatibility,
+            "version_compatible": self.version_compatible,
+        }
+
+
+def arch_rank(facts: EngineFacts, arch: str) -> int | None:
+    """0 for an engine built for exactly this compute capability, 1 for one built to run on it too, else None."""
+    if facts.arch is None:
+        return None
+    if facts.arch == arch:
+        return _EXACT
+    if facts.hardware_compatibility == "ampere_plus" and capability_from_arch(arch)[0] >= 8 and capability_from_arch(facts.arch)[0] >= 8:
+        return _HARDWARE_COMPATIBLE
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def runtime_fits(facts: EngineFacts, local_tensorrt: str) -> bool:
+    """Whether this host's TensorRT can load the engine: the building version, or a later one of the same
+    major version for version-compatible engines. Engines of other backends, or with no recorded version, pass."""
+    if facts.backend != "tensorrt" or not facts.runtime_version:
+        return True
+    built, local = _version_tuple(facts.runtime_version), _version_tuple(local_tensorrt)
+    if facts.version_compatible:
+        return local[:1] == built[:1] and local >= built
+    return local == built
+
+
+def _listing(entries: list[TargetEntry]) -> str:
+    return ", ".join(f"{e.tag} ({EngineFacts.of(e.record).describe()})" for e in entries) or "none"
+
+
+def choose_target(
+    manifest: Manifest,
+    *,
+    tag: str | None = None,
+    arch: str | None = None,
+    precision: str | None = None,
+    backend: str | None = None,
+    local_tensorrt: str | None = None,
+) -> TargetEntry:
+    """The one target of ``manifest`` that fits the request and this host; RegistryError naming the choices otherwise."""
+    label = f"{manifest.model} version {manifest.version}"
+    everything = list(manifest.targets.values())
+    if tag is not None:
+        if tag not in manifest.targets:
+            raise NotFoundError(f"{label} has no target {tag!r}; its targets: {_listing(everything)}")
+        candidates = [manifest.targets[tag]]
+    else:
+        candidates = everything
+    wanted = {"backend": backend, "precision": precision}
+    for field, value in wanted.items():
+        if value is not None:
+            candidates = [e for e in candidates if getattr(EngineFacts.of(e.record), field) == value]
+    if not candidates:
+        asked = ", ".join(f"{k} {v}" for k, v in wanted.items() if v is not None)
+        raise NotFoundError(f"{label} has no target with {asked}; its targets: {_listing(everything)}")
+
+    if arch is not None:
+        ranked = [(rank, e) for e in candidates if (rank := arch_rank(EngineFacts.of(e.record), arch)) is not None]
+        if not ranked:
+            raise NotFoundError(f"no engine of {label} runs on {arch}; its targets: {_listing(candidates)}")
+    else:
+        ranked = [(_EXACT, e) for e in candidates]
+
+    if local_tensorrt is not None:
+        fitting = [(rank, e) for rank, e in ranked if runtime_fits(EngineFacts.of(e.record), local_tensorrt)]
+        if not fitting:
+            refused = ", ".join(f"{e.tag} (built with TensorRT {EngineFacts.of(e.record).runtime_version})" for _, e in ranked)
+            would_fit = [
+                e
+                for e in everything
+                if runtime_fits(EngineFacts.of(e.record), local_tensorrt)
+                and (arch is None or arch_rank(EngineFacts.of(e.record), arch) is not None)
+            ]
+            raise RegistryError(
+                f"this host has TensorRT {local_tensorrt}, which cannot load {refused} of {label}: an engine runs only on "
+                f"the TensorRT version that built it unless it was built version-compatible; engines that would fit: "
+                f"{_listing(would_fit)}. Install the TensorRT version named, or pull a version built with {local_tensorrt}"
+            )
+        ranked = fitting
+
+    best = min(rank for rank, _ in ranked)
+    top = [e for rank, e in ranked if rank == best]
+    if len(top) > 1:
+        raise RegistryError(
+            f"{label} has {len(top)} targets that fit{f' {arch}' if arch else ''}: {_listing(top)}; "
+            "choose one with --precision, --backend or --tag"
+        )
+    return top[0]
+
+
+def local_arch() -> str:
+    """This host's GPU architecture, for ``--arch auto``."""
+    gpus = detect_gpus()
+    if not gpus.available:
+        raise RegistryError(f"--arch auto: {gpus.reason}; pass --arch sm_XX to pick the engine for a given GPU")
+    archs = sorted({gpu.compute_capability for gpu in gpus.gpus})
+    if len(archs) > 1:
+        raise RegistryError(f"--arch auto: this host has GPUs of several architectures ({', '.join(archs)}); pass --arch with one of them")
+    return archs[0]
+
+
+def local_tensorrt_version() -> str | None:
+    """The TensorRT runtime importable here (full, lean or dispatch), or None."""
+    for module in ("tensorrt", "tensorrt_lean", "tensorrt_dispatch"):
+        if importlib.util.find_spec(module) is None:
+            continue
+        try:
+            return str(importlib.import_module(module).__version__)
+        except (ImportError, OSError, AttributeError):
+            continue
+    return None
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trtforge"
+
+
+class BlobCache:
+    """Verified files by SHA-256, read-only; written only after their checksum matched a manifest."""
+
+    def __init__(self, root: Path):
+        self.root = root / "blobs" / "sha256"
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def lookup(self, entry: FileEntry) -> Path | None:
+        path = self.path(entry.sha256)
+        try:
+            return path if path.stat().st_size == entry.size else None
+        except FileNotFoundError:
+            return None
+
+    def fetch(self, store: ObjectStore, key: str, entry: FileEntry) -> Path:
+        blob = self.path(entry.sha256)
+        incoming = self.root / ".incoming" / uuid.uuid4().hex
+        try:
+            incoming.parent.mkdir(parents=True, exist_ok=True)
+            blob.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RegistryError(f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}") from None
+        try:
+            store.download_file(key, incoming)
+            size = incoming.stat().st_size
+            digest = sha256_of(incoming)
+            if digest != entry.sha256 or size != entry.size:
+                raise IntegrityError(
+                    f"{store.uri}/{key} is corrupted: it has {size} bytes with SHA-256 {digest}, but the manifest records "
+                    f"{entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
+                    "another version"
+                )
+            incoming.chmod(0o444)
+            os.replace(incoming, blob)
+        finally:
+            incoming.unlink(missing_ok=True)
+        return blob
+
+
+def place(blob: Path, dest: Path) -> None:
+    """Put a cached file at ``dest`` atomically: a hard link where the filesystem allows, else a copy."""
+    temp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex}"
+    try:
+        try:
+            os.link(blob, temp)
+        except OSError:
+            shutil.copyfile(blob, temp)
+        os.replace(temp, dest)
+    finally:
+        # rename() of a hard link onto another link of the same file leaves the source in place.
+        temp.unlink(missing_ok=True)
+
+
+class PulledFile(BaseModel):
+    name: str
+    path: str
+    sha256: str
+    size: int
+    cached: bool
+
+
+class PullResult(BaseModel):
+    """What ``pull`` wrote: JSON-serialisable, the body of ``trtforge pull --json``."""
+
+    model: str
+    version: int
+    tag: str
+    path: str
+    sha256: str
+    cached: bool
+    files: list[PulledFile]
+    build: dict[str, Any]
+    notes: list[str] = []

@@ -1,0 +1,176 @@
+"""The object store under the registry: one small interface, a directory and an S3 implementation.
+
+Both implementations give the same guarantees, which is all the registry relies on:
+
+* an object becomes visible whole or not at all;
+* ``put_if_absent`` creates an object only if the key is free, even under contention;
+* ``put_if_match`` replaces an object only if it still has the ETag the caller read
+  (compare-and-swap), and is refused for a missing key;
+* ``upload_file`` reads the bytes back (size and SHA-256) before it reports success.
+
+Keys are ``/``-separated paths relative to the store's root; segments are never empty,
+``.`` or ``..``, and never start with ``.`` (the directory store keeps its temporary and
+lock files under such names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from trtforge.errors import RegistryError
+
+MiB = 1024 * 1024
+_READ_BLOCK = 8 * MiB
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the key exists (create) or changed or vanished (compare-and-swap)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class RegistryUnreachable(RegistryError):
+    """The storage could not be reached at all (after retries); nothing was changed by the failed call."""
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How large files move: part size and parallel parts for S3 multipart transfers, and a bandwidth cap for both stores."""
+
+    part_size: int = 16 * MiB
+    max_concurrency: int = 8
+    max_bandwidth: int | None = None  # bytes per second; None for no cap
+
+    def __post_init__(self) -> None:
+        if self.part_size < 5 * MiB:
+            raise RegistryError(f"transfer part size {self.part_size} is below S3's minimum of 5 MiB")
+        if self.max_concurrency < 1:
+            raise RegistryError(f"transfer concurrency {self.max_concurrency} must be at least 1")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An upload that started and never finished (a multipart upload, or a directory store temp file)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """What the store holds after an upload, as read back from it."""
+
+    sha256: str
+    size: int
+
+
+class ObjectStore(Protocol):
+    uri: str
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Create ``key``; returns its ETag. Raises PreconditionFailed if it exists."""
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        """Replace ``key`` if its ETag is still ``etag``; returns the new ETag. Raises PreconditionFailed otherwise."""
+
+    def put(self, key: str, data: bytes) -> str:
+        """Create or replace ``key`` unconditionally; returns its ETag."""
+
+    def get(self, key: str) -> StoredObject | None: ...
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key."""
+
+    def children(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of ``prefix`` (which ends with ``/`` or is empty)."""
+
+    def delete(self, key: str) -> None: ...
+
+    def upload_file(self, key: str, path: Path) -> UploadedFile:
+        """Create ``key`` from a local file (multipart where large) and verify what was stored."""
+
+    def download_file(self, key: str, dest: Path) -> None:
+        """Write the object's bytes to ``dest``; the caller verifies them."""
+
+    def pending_uploads(self, prefix: str) -> list[PendingUpload]: ...
+
+    def abort_upload(self, upload: PendingUpload) -> None: ...
+
+    def check_conditional_writes(self) -> None:
+        """Raise RegistryError if the storage does not enforce put_if_absent / put_if_match."""
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or any(not part or part in (".", "..") or part.startswith(".") for part in parts):
+        raise RegistryError(f"invalid object key {key!r}: segments must be non-empty and not start with '.'")
+    return key
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """SHA-256 of a whole file and of each of its parts (for checking multipart uploads)."""
+
+    sha256: str
+    size: int
+    part_digests: tuple[bytes, ...]
+
+
+def digest_file(path: Path, part_size: int | None = None) -> FileDigest:
+    whole = hashlib.sha256()
+    parts: list[bytes] = []
+    size = 0
+    block = part_size or _READ_BLOCK
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            whole.update(chunk)
+            size += len(chunk)
+            if part_size:
+                parts.append(hashlib.sha256(chunk).digest())
+    return FileDigest(whole.hexdigest(), size, tuple(parts))
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def open_store(uri: str, transfer: TransferSettings | None = None) -> ObjectStore:
+    """``file://PATH`` (relative to the working directory) or ``s3://BUCKET[/PREFIX]``."""
+    transfer = transfer or TransferSettings()
+    if uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        if not path:
+            raise RegistryError("registry URI 'file://' names no folder: use file://PATH, e.g. file://artifacts/registry")
+        from trtforge.registry.directory import DirectoryStore
+
+        return DirectoryStore(Path(os.path.abspath(path)), transfer)
+    if uri.startswith("s3://"):
+        from trtforge.registry.s3 import S3Store, parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(uri)
+        return S3Store(bucket, prefix, transfer)
+    raise RegistryError(f"registry URI {uri!r} is not file://PATH or s3://BUCKET/PREFIX")

@@ -1,0 +1,516 @@
+"""Stage 'convert-precision': the ONNX a target's engine is built from, at the target's precision.
+
+TensorRT 10 (strongly typed) and 11 take precision from the ONNX itself, so this stage puts it there:
+
+- fp32: the input model as it is;
+- fp16, bf16: ModelOpt AutoCast mixed precision, graph inputs and outputs kept in fp32, with
+  nodes whose values overflow the low-precision range (seen on calibration samples) kept in fp32;
+- int8, fp8: ModelOpt explicit Q/DQ post-training quantization, calibrated on onnxruntime's CPU
+  execution provider with the calibration set cut into batches at the spec's opt shape.
+
+ModelOpt runs in a child process: it drives native code (onnxruntime sessions over rewritten
+graphs) that can crash on unusual models, and it logs to stdout, which belongs to the CLI's
+output. Results are cached by the content of everything that decides them; an entry is
+assembled in a hidden folder and renamed into place, so a cache entry is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from trtforge.errors import StageError
+from trtforge.hashing import sha256_file, sha256_text
+from trtforge.isolation import run_isolated
+from trtforge.numeric import NUMPY_DTYPES
+from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
+
+STAGE = "convert-precision"
+MODEL_FILE = "model.onnx"
+RESULT_FILE = "result.json"
+# AutoCast only needs value ranges to decide which nodes overflow fp16/bf16: a few batches do.
+REFERENCE_BATCHES = 4
+DEFAULT_TIMEOUT_S = 3600.0
+QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
+# Nodes that carry no arithmetic of their own: they say nothing about where precision was spent.
+BOOKKEEPING_OP_TYPES = (*QDQ_OP_TYPES, "Cast", "Constant", "Identity")
+REDUCED_ELEM_TYPES = (10, 16, 17, 18, 19, 20)  # FLOAT16, BFLOAT16 and the FLOAT8 variants
+FLOAT32_ELEM_TYPE = 1
+METHOD_AS_IS = "as-is"
+METHOD_AUTOCAST = "autocast"
+
+
+class ConversionResult(BaseModel):
+    """What the conversion produced. ``seconds`` is the time the conversion itself took, also for a cache hit."""
+
+    onnx_path: Path
+    precision: Precision
+    method: str
+    qdq_node_count: int
+    quantized_op_types: dict[str, int]
+    kept_op_types: dict[str, int]
+    modelopt_version: str | None
+    calibration_samples: int
+    seconds: float
+    sha256: str
+    cache_key: str | None
+    cached: bool
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the calibration set is cut: ``batches`` batches of ``batch_size`` samples, the remainder left out."""
+
+    batch_size: int
+    batches: int
+
+    @property
+    def samples(self) -> int:
+        return self.batch_size * self.batches
+
+
+def convert_precision(
+    onnx_path: Path,
+    precision: Precision,
+    calibration: Mapping[str, np.ndarray] | None,
+    options: PrecisionOptions,
+    *,
+    spec: ModelSpec,
+    cache_dir: Path,
+    calibration_sha256: str | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> ConversionResult:
+    """Convert ``onnx_path`` to ``precision``; ``calibration`` holds one array per model input, samples on axis 0.
+
+    int8 and fp8 need calibration data; fp16 and bf16 use it (when given) to find values that
+    overflow the low precision. ``calibration_sha256`` identifies the data for the cache key;
+    without it the arrays themselves are hashed.
+    """
+    import onnx
+
+    started = time.perf_counter()
+    precision = Precision(precision)
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise StageError(STAGE, f"ONNX model {onnx_path} does not exist: run the export and simplify stages first")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+
+    if precision is Precision.FP32:
+        quantized, kept, qdq = precision_profile(model)
+        return ConversionResult(
+            onnx_path=onnx_path,
+            precision=precision,
+            method=METHOD_AS_IS,
+            qdq_node_count=qdq,
+            quantized_op_types=quantized,
+            kept_op_types=kept,
+            modelopt_version=None,
+            calibration_samples=0,
+            seconds=time.perf_counter() - started,
+            sha256=sha256_file(onnx_path),
+            cache_key=None,
+            cached=False,
+        )
+
+    if precision.needs_calibration and calibration is None:
+        raise StageError(
+            STAGE,
+            f"{precision.value} conversion of {onnx_path} needs calibration data: add a 'calibration' section "
+            "with 'data: PATH' to the spec (or choose fp32, fp16 or bf16 for this target)",
+        )
+    _check_options(options, model.graph, onnx_path, precision)
+    model_inputs = _model_inputs(model.graph, spec, onnx_path)
+    plan = None
+    if calibration is not None:
+        plan = plan_batches(calibration, model_inputs, onnx_path)
+
+    key = _cache_key(onnx_path, precision, calibration, calibration_sha256, options, model_inputs, plan)
+    entry = cache_dir / key
+    hit = _read_entry(entry)
+    if hit is not None:
+        return hit
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".partial-{key[:16]}-", dir=cache_dir))
+    # mkdtemp makes the folder private; the entry it becomes is shared like the rest of the cache.
+    partial.chmod(0o755)
+    try:
+        work = partial / "work"
+        work.mkdir()
+        source = _stage_input(onnx_path, work)
+        batch_dir = None
+        if calibration is not None:
+            batch_dir = work / "calibration"
+            limit = REFERENCE_BATCHES if not precision.needs_calibration else None
+            _write_batches(calibration, model_inputs, plan, batch_dir, limit)
+        destination = partial / MODEL_FILE
+        quantized, kept, qdq = run_isolated(
+            STAGE,
+            convert_file,
+            str(source),
+            str(destination),
+            precision.value,
+            str(batch_dir) if batch_dir else None,
+            options.model_dump(mode="json"),
+            timeout_s=timeout_s,
+        )
+        shutil.rmtree(work)
+        result = ConversionResult(
+            onnx_path=entry / MODEL_FILE,
+            precision=precision,
+            method=METHOD_AUTOCAST if precision in (Precision.FP16, Precision.BF16) else options.calibration_method,
+            qdq_node_count=qdq,
+            quantized_op_types=quantized,
+            kept_op_types=kept,
+            modelopt_version=modelopt_version(),
+            calibration_samples=_used_samples(precision, plan),
+            seconds=time.perf_counter() - started,
+            sha256=sha256_file(destination),
+            cache_key=key,
+            cached=False,
+        )
+        (partial / RESULT_FILE).write_text(result.model_dump_json(indent=2))
+        try:
+            os.rename(partial, entry)
+        except OSError:
+            # Another run finished the same conversion first; its entry is equivalent to ours.
+            shutil.rmtree(partial, ignore_errors=True)
+            concurrent = _read_entry(entry)
+            if concurrent is None:
+                raise StageError(STAGE, f"cannot write the cache entry {entry}: remove it and run again") from None
+            return concurrent
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return result
+
+
+def modelopt_version() -> str:
+    return importlib.metadata.version("nvidia-modelopt")
+
+
+def precision_profile(model) -> tuple[dict[str, int], dict[str, int], int]:
+    """Op types computed at reduced precision, op types kept at fp32 (node counts), and the Q/DQ node count.
+
+    A node computes at reduced precision when it reads a DequantizeLinear output (the Q/DQ
+    pattern TensorRT fuses into a quantized kernel) or produces fp16/bf16/fp8 values.
+    """
+    import onnx
+
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    elem_types = {}
+    for value in (*typed.graph.input, *typed.graph.output, *typed.graph.value_info):
+        elem_types[value.name] = value.type.tensor_type.elem_type
+    for initializer in typed.graph.initializer:
+        elem_types[initializer.name] = initializer.data_type
+    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    quantized: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    qdq = 0
+    for node in model.graph.node:
+        if node.op_type in QDQ_OP_TYPES:
+            qdq += 1
+        if node.op_type in BOOKKEEPING_OP_TYPES:
+            continue
+        output_types = {elem_types.get(name) for name in node.output}
+        if dequantized.intersection(node.input) or output_types.intersection(REDUCED_ELEM_TYPES):
+            quantized[node.op_type] += 1
+        elif FLOAT32_ELEM_TYPE in output_types:
+            kept[node.op_type] += 1
+    return dict(sorted(quantized.items())), dict(sorted(kept.items())), qdq
+
+
+def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[InputSpec], onnx_path: Path) -> BatchPlan:
+    """Check the calibration arrays against the model's inputs and cut them into opt-shape batches.
+
+    Axis 0 of every array holds the samples; the other axes must equal the input's opt shape.
+    """
+    expected_names = [inp.name for inp in model_inputs]
+    missing = [name for name in expected_names if name not in calibration]
+    extra = sorted(name for name in calibration if name not in expected_names)
+    if missing:
+        inp = next(i for i in model_inputs if i.name == missing[0])
+        raise StageError(
+            STAGE,
+            f"calibration data has no array for input {inp.name!r} of {onnx_path} (expected shape "
+            f"{_expected_shape(inp)}, {inp.dtype}); the data holds {sorted(calibration)}: "
+            "key the calibration arrays by the model's input names",
+        )
+    if extra:
+        raise StageError(
+            STAGE,
+            f"calibration data has arrays {extra} that are not inputs of {onnx_path} (its inputs: {expected_names}): "
+            "remove them or rename them to the model's input names",
+        )
+    counts = {}
+    for inp in model_inputs:
+        array = calibration[inp.name]
+        opt = inp.shape_at("opt")
+        if array.ndim != len(opt) or tuple(array.shape[1:]) != opt[1:]:
+            raise StageError(
+                STAGE,
+                f"calibration array {inp.name!r} has shape {tuple(array.shape)}, but input {inp.name!r} of "
+                f"{onnx_path} expects {_expected_shape(inp)} (samples on axis 0, the rest at the spec's opt shape): "
+                "regenerate the calibration set at that shape",
+            )
+        if array.dtype != np.dtype(NUMPY_DTYPES[inp.dtype]):
+            raise StageError(
+                STAGE,
+                f"calibration array {inp.name!r} is {array.dtype}, but input {inp.name!r} of {onnx_path} takes "
+                f"{inp.dtype}: convert the calibration data to {inp.dtype}",
+            )
+        counts[inp.name] = array.shape[0]
+    if len(set(counts.values())) > 1:
+        raise StageError(STAGE, f"calibration arrays hold different sample counts {counts}: every input needs one array entry per sample")
+    samples = next(iter(counts.values()))
+    batch_sizes = {inp.shape_at("opt")[0] for inp in model_inputs}
+    if len(batch_sizes) > 1:
+        raise StageError(STAGE, f"the inputs of {onnx_path} have different opt sizes on axis 0 {sorted(batch_sizes)}: calibration needs one batch size")
+    batch_size = batch_sizes.pop()
+    if samples >= batch_size:
+        return BatchPlan(batch_size=batch_size, batches=samples // batch_size)
+    first = model_inputs[0]
+    if samples >= 1 and isinstance(first.shape[0], str) and samples >= first.dynamic[first.shape[0]].min:
+        return BatchPlan(batch_size=samples, batches=1)
+    raise StageError(
+        STAGE,
+        f"calibration data holds {samples} samples, fewer than one batch of {batch_size} for {onnx_path}: "
+        "add calibration samples (calibration.min_samples in the spec sets the floor)",
+    )
+
+
+def convert_file(
+    source: str, destination: str, precision: str, batch_dir: str | None, options: dict
+) -> tuple[dict[str, int], dict[str, int], int]:
+    """Runs in the child process: ModelOpt on ``source``, the result checked and written to ``destination``."""
+    import onnx
+
+    settings = PrecisionOptions.model_validate(options)
+    batch_files = sorted(Path(batch_dir).glob("*.npz")) if batch_dir else []
+    try:
+        if precision in (Precision.FP16.value, Precision.BF16.value):
+            from modelopt.onnx.autocast import convert_to_mixed_precision
+
+            converted = convert_to_mixed_precision(
+                onnx_path=source,
+                low_precision_type=precision,
+                nodes_to_exclude=settings.keep_fp32_nodes,
+                op_types_to_exclude=settings.keep_fp32_op_types,
+                keep_io_types=True,
+                calibration_data=batch_dir,
+                providers=["cpu"],
+            )
+            onnx.save(converted, destination)
+        else:
+            from modelopt.onnx.quantization import quantize
+
+            quantize(
+                onnx_path=source,
+                quantize_mode=precision,
+                calibration_data_reader=_batch_reader(batch_files),
+                calibration_method=settings.calibration_method,
+                calibration_eps=["cpu"],
+                op_types_to_exclude=settings.exclude_op_types or None,
+                nodes_to_exclude=settings.exclude_nodes or None,
+                high_precision_dtype=settings.high_precision_dtype,
+                output_path=destination,
+                log_level="WARNING",
+            )
+        if not Path(destination).is_file():
+            raise RuntimeError("ModelOpt finished without writing a model (see its log for the reason)")
+        onnx.checker.check_model(destination, full_check=True)
+    except Exception as err:
+        raise StageError(STAGE, _describe_failure(err, source, precision)) from None
+    return precision_profile(onnx.load(destination, load_external_data=False))
+
+
+def _batch_reader(batch_files: list[Path]):
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    class NpzBatchReader(CalibrationDataReader):
+        """ModelOpt's calibrators walk the batches with get_next, and peek at the first one for test runs."""
+
+        def __init__(self):
+            self.batches = []
+            for path in batch_files:
+                with np.load(path, allow_pickle=False) as archive:
+                    self.batches.append({name: archive[name] for name in archive.files})
+            self.rewind()
+
+        def get_next(self):
+            return next(self.position, None)
+
+        def get_first(self):
+            return self.batches[0]
+
+        def rewind(self):
+            self.position = iter(self.batches)
+
+    return NpzBatchReader()
+
+
+def _describe_failure(err: Exception, source: str, precision: str) -> str:
+    import onnx
+
+    reason = str(err).strip() or "(no message)"
+    detail = f"ModelOpt could not convert the model to {precision}: {type(err).__name__}: {reason}"
+    try:
+        nodes = onnx.load(source, load_external_data=False).graph.node
+    except Exception:
+        return detail
+    # Prefer the longest node name quoted in the reason: short names ('Add') often also occur as words.
+    mentioned = sorted((n for n in nodes if n.name and n.name in reason), key=lambda n: len(n.name), reverse=True)
+    if mentioned:
+        detail += f" [node {mentioned[0].name!r}, op {mentioned[0].op_type}]"
+    return detail + (
+        "; fix the model there, keep the node out of conversion (precision.exclude_nodes or keep_fp32_nodes in the spec), "
+        "or choose another precision for this target"
+    )
+
+
+def _model_inputs(graph, spec: ModelSpec, onnx_path: Path) -> list[InputSpec]:
+    initializers = {init.name for init in graph.initializer}
+    names = [value.name for value in graph.input if value.name not in initializers]
+    by_name = {inp.name: inp for inp in spec.inputs}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise StageError(
+            STAGE,
+            f"{onnx_path} has inputs {unknown} that spec {spec.name!r} does not declare (spec inputs: {sorted(by_name)}): "
+            "export the model from this spec",
+        )
+    return [by_name[name] for name in names]
+
+
+def _check_options(options: PrecisionOptions, graph, onnx_path: Path, precision: Precision) -> None:
+    import onnx
+
+    if precision.needs_calibration:
+        op_fields = {"exclude_op_types": options.exclude_op_types}
+        node_fields = {"exclude_nodes": options.exclude_nodes}
+    else:
+        op_fields = {"keep_fp32_op_types": options.keep_fp32_op_types}
+        node_fields = {"keep_fp32_nodes": options.keep_fp32_nodes}
+    for field, op_types in op_fields.items():
+        unknown = [op for op in op_types if not onnx.defs.has(op)]
+        if unknown:
+            raise StageError(STAGE, f"precision.{field} lists {unknown}, which are not ONNX operator types (they are case-sensitive, e.g. 'Conv', 'MatMul')")
+    node_names = [node.name for node in graph.node]
+    for field, patterns in node_fields.items():
+        for pattern in patterns:
+            try:
+                regex = re.compile(pattern)
+            except re.error as err:
+                raise StageError(STAGE, f"precision.{field} pattern {pattern!r} is not a valid regular expression: {err}") from None
+            if not any(regex.match(name) for name in node_names):
+                raise StageError(
+                    STAGE,
+                    f"precision.{field} pattern {pattern!r} matches no node of {onnx_path} (patterns match node names "
+                    "from their start): check the names with 'python -m onnx.tools.net_drawer' or Netron",
+                )
+
+
+def _expected_shape(inp: InputSpec) -> str:
+    return "(samples, " + ", ".join(str(d) for d in inp.shape_at("opt")[1:]) + ")"
+
+
+def _arrays_sha256(calibration: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(calibration):
+        array = np.ascontiguousarray(calibration[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(
+    onnx_path: Path,
+    precision: Precision,
+    calibration: Mapping[str, np.ndarray] | None,
+    calibration_sha256: str | None,
+    options: PrecisionOptions,
+    model_inputs: list[InputSpec],
+    plan: BatchPlan | None,
+) -> str:
+    if calibration is None:
+        data_digest = None
+    else:
+        data_digest = calibration_sha256 or _arrays_sha256(calibration)
+    decided_by = {
+        "onnx_sha256": sha256_file(onnx_path),
+        "precision": precision.value,
+        "calibration_sha256": data_digest,
+        "calibration_batch_size": plan.batch_size if plan else None,
+        "input_opt_shapes": {inp.name: list(inp.shape_at("opt")) for inp in model_inputs},
+        "options": options.model_dump(mode="json"),
+        "modelopt_version": modelopt_version(),
+        # How this module drives ModelOpt decides the output too.
+        "stage_source_sha256": sha256_file(Path(__file__)),
+    }
+    return sha256_text(json.dumps(decided_by, sort_keys=True))
+
+
+def _read_entry(entry: Path) -> ConversionResult | None:
+    """The cached result in ``entry``, or None when absent or when its model no longer matches its record."""
+    record, model = entry / RESULT_FILE, entry / MODEL_FILE
+    if not (record.is_file() and model.is_file()):
+        return None
+    try:
+        result = ConversionResult.model_validate_json(record.read_text())
+    except ValueError:
+        result = None
+    if result is None or sha256_file(model) != result.sha256:
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return result.model_copy(update={"onnx_path": model, "cached": True})
+
+
+def _stage_input(onnx_path: Path, work: Path) -> Path:
+    """Copy the model (and its external data files) into ``work``: ModelOpt writes intermediate files beside its input."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    source_dir = onnx_path.parent.resolve()
+    staged = work / "input.onnx"
+    shutil.copyfile(onnx_path, staged)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    for location in locations:
+        data = (source_dir / location).resolve()
+        if not data.is_relative_to(source_dir) or not data.is_file():
+            raise StageError(STAGE, f"{onnx_path} refers to external data {location!r} outside its folder or missing: re-export the model")
+        target = work / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data, target)
+    return staged
+
+
+def _write_batches(
+    calibration: Mapping[str, np.ndarray], model_inputs: list[InputSpec], plan: BatchPlan, folder: Path, limit: int | None
+) -> None:
+    folder.mkdir()
+    count = plan.batches if limit is None else min(limit, plan.batches)
+    for index in range(count):
+        window = slice(index * plan.batch_size, (index + 1) * plan.batch_size)
+        np.savez(folder / f"{index:06d}.npz", **{inp.name: calibration[inp.name][window] for inp in model_inputs})
+
+
+def _used_samples(precision: Precision, plan: BatchPlan | None) -> int:
+    if plan is None:
+        return 0
+    if precision.needs_calibration:
+        return plan.samples
+    return min(REFERENCE_BATCHES, plan.batches) * plan.batch_size
