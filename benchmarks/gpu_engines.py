@@ -25,7 +25,8 @@ MODELS = {"resnet50": "torchvision.models:resnet50", "vit_b_16": "torchvision.mo
 PRECISIONS = ("fp16", "int8")
 IMAGE_SHAPE = (3, 224, 224)
 # Int8 calibration here only has to produce a valid Q/DQ model: accuracy is the gate's business.
-CALIBRATION_SAMPLES = 32
+# At least one batch of the benchmark's batch size; random images stand in for real ones.
+CALIBRATION_SAMPLES = 64
 EXPORT_TOLERANCE = 1e-2
 
 
@@ -67,6 +68,8 @@ def make_spec(name: str, factory: str, checkpoint: Path, batch: int, arch: str):
             "inputs": [{"name": "images", "shape": ["batch", *IMAGE_SHAPE], "dynamic": {"batch": {"min": 1, "opt": batch, "max": batch}}}],
             "outputs": [{"name": "logits"}],
             "export": {"opset": 18, "tolerance": EXPORT_TOLERANCE},
+            # What a deployment would pick for speed: max calibration, unquantized parts in fp16.
+            "precision": {"calibration_method": "max", "high_precision_dtype": "fp16"},
             "eval": {"data": "unused-by-the-benchmark.npz"},
             "targets": [{"backend": "tensorrt", "device": "gpu", "arch": arch, "precision": p} for p in PRECISIONS],
         },
@@ -88,25 +91,15 @@ def seeded_checkpoint(factory: str, path: Path) -> Path:
     return path
 
 
-def convert(onnx_path: Path, precision: str, work: Path) -> Path:
+def convert(spec, onnx_path: Path, precision, work: Path) -> Path:
     import numpy as np
-    import onnx
 
-    if precision == "fp16":
-        from modelopt.onnx.autocast import convert_to_mixed_precision
+    from trtforge.stages.convert_precision import convert_precision
 
-        out = work / "model.fp16.onnx"
-        onnx.save(convert_to_mixed_precision(str(onnx_path), low_precision_type="fp16", keep_io_types=True), str(out))
-        return out
-    from modelopt.onnx.quantization import quantize
-
-    out = work / "model.int8.onnx"
     samples = np.random.default_rng(0).standard_normal((CALIBRATION_SAMPLES, *IMAGE_SHAPE)).astype(np.float32)
-    quantize(
-        str(onnx_path), quantize_mode="int8", calibration_data={"images": samples}, calibration_method="max",
-        calibration_eps=["cpu"], high_precision_dtype="fp16", output_path=str(out),
-    )
-    return out
+    return convert_precision(
+        onnx_path, precision, {"images": samples}, spec.precision, spec=spec, cache_dir=work / "converted"
+    ).onnx_path
 
 
 def time_torch(module, batch: int, runs: int, warmup: int) -> dict[str, float]:
@@ -147,7 +140,7 @@ def bench_model(name: str, factory: str, arch: str, args) -> list[dict]:
     for target in spec.targets:
         precision = target.precision.value
         print(f"[{name}] {precision}: converting and building", flush=True)
-        converted = convert(onnx_path, precision, work)
+        converted = convert(spec, onnx_path, target.precision, work)
         built = backend.build(converted, target, spec, work / precision, timing_cache=cache)
         with backend.load_runner(built.engine_path) as runner:
             (latency,) = runner.measure_latency(runs=args.runs, warmup=args.warmup)

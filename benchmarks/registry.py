@@ -14,7 +14,9 @@ test extra); otherwise the configured endpoint, credentials and ``--bucket`` are
     python benchmarks/registry.py                    # 1 GiB engine, 3 repetitions
     python benchmarks/registry.py --size-mb 100 --repeat 1 --json
 
-Disk: about five times the engine size in the temporary folder while it runs.
+Plain and registry transfers alternate which goes first from one repetition to the next, so
+use at least two repetitions for a fair ratio. Disk: about five times the engine size in the
+temporary folder while it runs.
 """
 
 from __future__ import annotations
@@ -96,21 +98,22 @@ def run(size_mb: int, repeat: int, bucket: str | None, transfer: TransferSetting
                 registry = open_registry(f"s3://{bucket_name}/{prefix}/registry", transfer=transfer)
                 plain_key = f"{prefix}/plain/engine"
 
-                seconds, _ = timed(lambda: client.upload_file(str(engine), bucket_name, plain_key, Config=plain_config))
-                samples["plain_upload"].append(seconds)
                 target = TargetArtifacts(tag="bench-engine", record={"backend": "tensorrt", "precision": "fp16"}, files={"engine": engine})
-                seconds, _ = timed(lambda: registry.publish("bench", [target], lineage={}, environment={}))
-                samples["publish"].append(seconds)
-
                 plain_copy = work / f"plain-{round_index}"
-                seconds, _ = timed(lambda: client.download_file(bucket_name, plain_key, str(plain_copy), Config=plain_config))
-                samples["plain_download"].append(seconds)
+                cache = work / f"cache-{round_index}"
+                steps = {
+                    "plain_upload": lambda: client.upload_file(str(engine), bucket_name, plain_key, Config=plain_config),
+                    "publish": lambda: registry.publish("bench", [target], lineage={}, environment={}),
+                    "plain_download": lambda: client.download_file(bucket_name, plain_key, str(plain_copy), Config=plain_config),
+                    "pull": lambda: registry.pull("bench", work / f"deploy-{round_index}", cache_dir=cache),
+                }
+                # Alternate which side goes first, so server-side caching favours neither.
+                pairs = [("plain_upload", "publish"), ("plain_download", "pull")]
+                for pair in pairs:
+                    for name in pair if round_index % 2 == 0 else reversed(pair):
+                        samples[name].append(timed(steps[name])[0])
                 plain_copy.unlink()
 
-                cache = work / f"cache-{round_index}"
-                seconds, pulled = timed(lambda: registry.pull("bench", work / f"deploy-{round_index}", cache_dir=cache))
-                samples["pull"].append(seconds)
-                assert not pulled.cached
                 seconds, pulled = timed(lambda: registry.pull("bench", work / f"redeploy-{round_index}", cache_dir=cache))
                 samples["cached_pull"].append(seconds)
                 assert pulled.cached

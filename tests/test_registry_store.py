@@ -10,8 +10,9 @@ import pytest
 
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 from trtforge.errors import NotFoundError, RegistryError
+from trtforge.hashing import sha256_file
 from trtforge.registry.s3 import S3Store, parse_s3_uri
-from trtforge.registry.storage import MiB, PreconditionFailed, RegistryUnreachable, TransferSettings, open_store, sha256_of
+from trtforge.registry.storage import MiB, PreconditionFailed, RegistryUnreachable, TransferSettings, open_store
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_multipart_file_round_trips_intact(store, registry_uri, tmp_path, reques
     source = tmp_path / "engine.bin"
     source.write_bytes(os.urandom(20 * MiB + 12345))
     uploaded = store.upload_file("m/versions/1/t/engine", source)
-    assert (uploaded.sha256, uploaded.size) == (sha256_of(source), source.stat().st_size)
+    assert (uploaded.sha256, uploaded.size) == (sha256_file(source), source.stat().st_size)
     copy = tmp_path / "copy.bin"
     store.download_file("m/versions/1/t/engine", copy)
     assert copy.read_bytes() == source.read_bytes()

@@ -481,22 +481,20 @@ def local_arch() -> str:
 
 
 @pytest.fixture(scope="module")
-def digits_precisions(digits_onnx, tmp_path_factory) -> dict[str, Path]:
-    """The digits ONNX in fp32, fp16 (ModelOpt AutoCast) and int8 (ModelOpt entropy-calibrated Q/DQ)."""
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-    from modelopt.onnx.quantization import quantize
+def digits_precisions(digits_spec, digits_onnx, tmp_path_factory) -> dict[str, Path]:
+    """The digits ONNX at fp32, fp16 and int8, converted by the pipeline's own precision stage."""
+    from trtforge.calibration import load_calibration
+    from trtforge.stages.convert_precision import convert_precision
 
-    work = tmp_path_factory.mktemp("digits-precisions")
-    fp16 = work / "model.fp16.onnx"
-    onnx.save(convert_to_mixed_precision(str(digits_onnx), low_precision_type="fp16", keep_io_types=True), fp16)
-    int8 = work / "model.int8.onnx"
-    with np.load(REPO / "calibration_data" / "digits" / "calibration.npz") as calibration:
-        samples = calibration["input"]
-    quantize(
-        str(digits_onnx), quantize_mode="int8", calibration_data={"input": samples}, calibration_method="entropy",
-        calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(int8),
-    )
-    return {"fp32": digits_onnx, "fp16": fp16, "int8": int8}
+    cache = tmp_path_factory.mktemp("digits-precisions")
+    calibration = load_calibration(digits_spec)
+    return {
+        precision: convert_precision(
+            digits_onnx, Precision(precision), calibration.arrays, digits_spec.precision, spec=digits_spec,
+            cache_dir=cache, calibration_sha256=calibration.sha256,
+        ).onnx_path
+        for precision in ("fp32", "fp16", "int8")
+    }
 
 
 def _build(spec, onnx_path: Path, out_dir: Path, cache: Path | None = None, **target_fields):

@@ -8,6 +8,7 @@ no traceback. Heavy imports (torch, Prefect) happen inside the commands that nee
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -63,6 +64,10 @@ def run(
     from trtforge.spec import load_spec
 
     load_spec(spec)  # fail on a bad spec before starting Prefect
+    # The embedded API server starts in a subprocess; on a busy 2-core machine Prefect's
+    # 20 s default is not always enough.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.retrain_to_engine import retrain_to_engine
 
     try:
@@ -72,6 +77,10 @@ def run(
         failed = None
     except RunFailed as err:
         summary, failed = err.summary, err
+    except RuntimeError as err:
+        if "Prefect API" not in str(err):
+            raise
+        raise TrtforgeError(f"{err}; set PREFECT_API_URL to a running server or retry when the machine is less busy") from None
     if summary_file is not None:
         with open(summary_file, "a") as handle:
             handle.write(markdown_summary(summary))

@@ -30,7 +30,7 @@ def code_version() -> str:
     """Version plus a hash of the library's source, so any code change invalidates cached stage results."""
     import trtforge
 
-    root = Path(trtforge.__file__).parent
+    root = Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:

@@ -232,10 +232,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _precisions_in(model) -> set[Precision]:
     """The reduced precisions an ONNX graph computes in: from Q/DQ zero points (or quantized
-    initializers) and from float16/bfloat16 initializers and casts."""
+    initializers) and from float16/bfloat16 initializers and casts. Constants count as initializers."""
     from onnx import TensorProto
 
     initializers = {init.name: init.data_type for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                initializers[node.output[0]] = value.data_type
     found: set[Precision] = set()
     quantized_types = {
         TensorProto.INT8: Precision.INT8,

@@ -28,8 +28,9 @@ from pydantic import BaseModel
 
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
 from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
+from trtforge.hashing import sha256_file
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
-from trtforge.registry.storage import ObjectStore, sha256_of
+from trtforge.registry.storage import ObjectStore
 
 CACHE_ENV = "TRTFORGE_CACHE_DIR"
 _ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
@@ -252,7 +253,7 @@ class BlobCache:
         try:
             store.download_file(key, incoming)
             size = incoming.stat().st_size
-            digest = sha256_of(incoming)
+            digest = sha256_file(incoming)
             if digest != entry.sha256 or size != entry.size:
                 raise IntegrityError(
                     f"{store.uri}/{key} is corrupted: it has {size} bytes with SHA-256 {digest}, but the manifest records "

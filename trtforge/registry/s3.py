@@ -17,6 +17,7 @@ import hashlib
 import re
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
@@ -282,17 +283,20 @@ class S3Store:
         size = path.stat().st_size
         # s3transfer goes multipart from the threshold on, and may enlarge parts for huge files.
         part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer.part_size, size) if size >= self._transfer.part_size else None
-        digest = digest_file(path, part_size)
-        try:
-            self._client.upload_file(
-                str(path), self.bucket, full, ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer_config
-            )
-        except Exception as err:
-            self._abort_uploads_of(full)
-            translated = self._translate(err, "uploading", key)
-            if translated is err:
-                raise
-            raise translated from None
+        # Hash while uploading (hashlib releases the GIL); the read-back below ties the two together.
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            hashing = hasher.submit(digest_file, path, part_size)
+            try:
+                self._client.upload_file(
+                    str(path), self.bucket, full, ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer_config
+                )
+            except Exception as err:
+                self._abort_uploads_of(full)
+                translated = self._translate(err, "uploading", key)
+                if translated is err:
+                    raise
+                raise translated from None
+            digest = hashing.result()
         with self._calling("reading back", key):
             stored = self._client.head_object(Bucket=self.bucket, Key=full, **_CHECKSUM_MODE)
         checksum = stored.get("ChecksumSHA256")

@@ -153,11 +153,6 @@ def digest_file(path: Path, part_size: int | None = None) -> FileDigest:
     return FileDigest(whole.hexdigest(), size, tuple(parts))
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def open_store(uri: str, transfer: TransferSettings | None = None) -> ObjectStore:
     """``file://PATH`` (relative to the working directory) or ``s3://BUCKET[/PREFIX]``."""
     transfer = transfer or TransferSettings()

@@ -418,7 +418,7 @@ class _Scope:
 
 
 def _constant_node_tensor(node):
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     for attribute in node.attribute:
         if attribute.name == "value":
@@ -428,7 +428,7 @@ def _constant_node_tensor(node):
             is_float = attribute.name.startswith("value_float")
             dims = [] if attribute.name in ("value_float", "value_int") else [len(value)]
             values = value if isinstance(value, list) else [value]
-            return helper.make_tensor(node.output[0], 1 if is_float else 7, dims, values)
+            return helper.make_tensor(node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values)
     return None
 
 
@@ -973,7 +973,7 @@ class _Checker:
                         "cast to int32 or float before this node; quantize with INT8 Q/DQ, not UINT8",
                     )
                 )
-            elif name in self.table.quantized_types and not self._quantization_boundary(node, role):
+            elif name in self.table.quantized_types and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 findings.append(
                     _Finding(
                         "conditional",
@@ -995,10 +995,6 @@ class _Checker:
                     )
                 )
         return findings
-
-    @staticmethod
-    def _quantization_boundary(node, role: str) -> bool:
-        return (node.op_type == "QuantizeLinear" and role == "output") or (node.op_type == "DequantizeLinear" and role == "input")
 
 
 class _FunctionGraph:
@@ -1025,14 +1021,14 @@ def _verdict(findings: Iterable[_Finding]) -> tuple[Status, str, str]:
 
 
 @dataclass(frozen=True)
-class _StaticResult:
+class StaticResult:
     nodes: list[NodeReport]
     raw_names: list[str]
     top_level: list[int]
     notes: list[str]
 
 
-def static_check(model, model_dir: Path, table: OperatorTable, plugins: Sequence[str]) -> _StaticResult:
+def static_check(model, model_dir: Path, table: OperatorTable, plugins: Sequence[str]) -> StaticResult:
     """Judge every node (subgraph and local-function nodes included) against ``table``."""
     opset = default_opset(model)
     typed, inference_note = _infer_types(model)
@@ -1050,7 +1046,8 @@ def static_check(model, model_dir: Path, table: OperatorTable, plugins: Sequence
         local_functions={(f.domain, f.name): f for f in model.functions},
     )
     scope.add_graph(graph)
-    checker = _Checker(table, opset, plugins)
+    # A model without a default-domain import has no standard ops whose version could matter.
+    checker = _Checker(table, opset if opset is not None else table.opset_max, plugins)
     nodes: list[NodeReport] = []
     raw_names: list[str] = []
     top_level: list[int] = []
@@ -1081,14 +1078,14 @@ def static_check(model, model_dir: Path, table: OperatorTable, plugins: Sequence
         "only when the network is built, per-layer limits, whether a plugin is registered): "
         "run `trtforge check` where TensorRT is installed to confirm"
     ]
-    if not table.opset_min <= opset <= table.opset_max:
+    if opset is not None and not table.opset_min <= opset <= table.opset_max:
         notes.append(
             f"the model's opset {opset} is outside TensorRT {table.tensorrt_version}'s range "
             f"{table.opset_min}-{table.opset_max}; nodes whose operator definition differs there are unsupported"
         )
     if inference_note:
         notes.append(inference_note)
-    return _StaticResult(nodes=nodes, raw_names=raw_names, top_level=top_level, notes=notes)
+    return StaticResult(nodes=nodes, raw_names=raw_names, top_level=top_level, notes=notes)
 
 
 def default_opset(model) -> int | None:
@@ -1137,7 +1134,7 @@ def _run_parser(path: Path) -> tuple[bool, list[ParserError], str]:
 
 
 def merge_parser_result(
-    static: _StaticResult, parsed: bool, errors: Sequence[ParserError], plugins: Sequence[str]
+    static: StaticResult, parsed: bool, errors: Sequence[ParserError], plugins: Sequence[str]
 ) -> tuple[list[NodeReport], list[str]]:
     """Node verdicts from the parser's result; the static table speaks only for nodes the parser never reached.
 
@@ -1226,10 +1223,6 @@ def _tensorrt_importable() -> bool:
 # --------------------------------------------------------------------------- the stage
 
 
-def _major_minor(version: str) -> tuple[int, ...]:
-    return _version_key(version)
-
-
 def analyse(
     onnx_path: str, plugins: Sequence[str], tensorrt_version: str | None, use_tensorrt: bool | None
 ) -> CompatibilityReport:
@@ -1257,7 +1250,7 @@ def analyse(
                 notes.append(f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table")
             if parser_outcome is not None and tensorrt_version and use_tensorrt is None:
                 installed = parser_outcome[2]
-                if _major_minor(installed) != _major_minor(tensorrt_version):
+                if _version_key(installed) != _version_key(tensorrt_version):
                     notes.append(
                         f"TensorRT {installed} is installed but the target wants {tensorrt_version}; checked against "
                         f"the static table for {tensorrt_version} instead of this parser"
@@ -1284,7 +1277,7 @@ def analyse(
         notes = [f"source: TensorRT {version}'s ONNX parser (polygraphy, strongly typed network)"] + merge_notes + notes
         if merge_notes and table_note:
             notes.append(table_note)
-        if tensorrt_version and _major_minor(version) != _major_minor(tensorrt_version):
+        if tensorrt_version and _version_key(version) != _version_key(tensorrt_version):
             notes.append(f"the target wants TensorRT {tensorrt_version}; this parser is {version}")
     return CompatibilityReport(
         model=str(path),
