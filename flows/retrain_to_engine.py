@@ -1,43 +1,101 @@
-"""The main job: checkpoint (retrained if missing) to gated, published engines, one per target."""
+"""The main job: checkpoint (retrained if missing) to gated, published engines, one per target.
+
+checkpoint -> export -> simplify -> check ops -> validate calibration -> per target:
+convert precision -> build (here, or on the target's GPU worker) -> gate -> publish.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.build import build_and_gate_task
 from tasks.caching import run_cached
+from tasks.check_ops import check_ops_task
 from tasks.checkpoint import ensure_checkpoint_task
+from tasks.convert_precision import convert_precision_task
 from tasks.export import export_task
 from tasks.publish import publish_task
 from tasks.reference import reference_task
+from tasks.remote_build import build_on_worker_task, deployment_problem
 from tasks.simplify import simplify_task
+from tasks.validate_calibration import validate_calibration_task
 from trtforge.backends.base import get_backend, target_tag
-from trtforge.errors import RunFailed
+from trtforge.errors import CalibrationError, RunFailed
 from trtforge.hashing import code_version
 from trtforge.registry import open_registry
-from trtforge.report import markdown_summary, write_report
-from trtforge.spec import Precision, load_spec
+from trtforge.report import markdown_summary, target_rows, write_report
+from trtforge.routing import RouteKind, route_target
+from trtforge.spec import BackendName, ModelSpec, Precision, Target, load_spec
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.publish import registry_uri
+from trtforge.staging import Staging
 from trtforge.summary import RunSummary, StageTiming, TargetOutcome, TargetStatus
 
 
-def _previous_release(registry, model: str, tag: str) -> PreviousRelease | None:
-    """The newest published version that has this target tag, for the regression check."""
-    for version in reversed(registry.versions(model)):
+def previous_release(registry, model: str, tag: str, alias: str | None = None) -> PreviousRelease | None:
+    """The release to compare with: the version behind ``alias`` if given, else the newest one with this tag."""
+    if alias is not None:
+        if alias not in registry.aliases(model):
+            return None
+        candidates = [registry.resolve(model, alias=alias)]
+    else:
+        candidates = list(reversed(registry.versions(model)))
+    for version in candidates:
         entry = registry.manifest(model, version).targets.get(tag)
         if entry is not None:
             return PreviousRelease(version=version, metrics=entry.record.get("gate", {}).get("metrics", {}))
     return None
 
 
-@flow(name="retrain-to-engine", log_prints=True)
+def _blocked(target: Target, tag: str, status: TargetStatus, reason: str) -> TargetOutcome:
+    return TargetOutcome(
+        tag=tag, backend=target.backend.value, precision=target.precision.value, required=target.required, status=status, reason=reason
+    )
+
+
+def _check_compatibility(spec: ModelSpec, onnx_path: Path, summary: RunSummary) -> None:
+    """Once per distinct TensorRT version among the targets; unsupported nodes stop the run here."""
+    if not any(t.backend is BackendName.TENSORRT for t in spec.targets):
+        return
+    trt_version = get_backend(BackendName.TENSORRT.value).runtime_version()
+    report = check_ops_task(onnx_path, list(spec.plugins), trt_version)
+    summary.compatibility.append(
+        {
+            "source": report.source,
+            "tensorrt_version": report.tensorrt_version,
+            "nodes": report.summary.nodes,
+            "supported": report.summary.supported,
+            "conditional": report.summary.conditional,
+            "unsupported": report.summary.unsupported,
+            "flagged_op_types": report.summary_rows(),
+        }
+    )
+    summary.warnings += [f"check-ops: {n.name} ({n.op_type}) conditional: {n.reason}" for n in report.conditional]
+    report.raise_if_unsupported()
+
+
+def _validate_calibration(spec: ModelSpec, run_dir: Path, summary: RunSummary) -> str | None:
+    """Before any quantization; returns the calibration set's sha256 for the lineage."""
+    if not any(t.precision.needs_calibration for t in spec.targets):
+        return None
+    if spec.calibration is None:
+        raise CalibrationError("validate-calibration", "int8/fp8 targets need a 'calibration' section in the spec naming the calibration data")
+    report = validate_calibration_task(spec, run_dir / "calibration")
+    summary.calibration = {**report.summary(), "sha256": report.sha256, "data_docs": str(report.data_docs) if report.data_docs else None}
+    if not report.passed:
+        failed = "; ".join(f"{f.expectation} on {f.column}: {f.details}" for f in report.failed)
+        raise CalibrationError("validate-calibration", f"calibration set {report.source} failed: {failed}")
+    return report.sha256
+
+
+@flow(name="retrain-to-engine")
 def retrain_to_engine(
     spec_path: str,
     checkpoint: str | None = None,
@@ -49,7 +107,9 @@ def retrain_to_engine(
     uri = registry_uri(spec, registry)
     store = open_registry(uri)
     artifacts = Path(artifacts_dir).resolve()
-    run_dir = artifacts / "runs" / spec.name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    started_at = datetime.now(timezone.utc)
+    run_id = started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_dir = artifacts / "runs" / spec.name / run_id
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
 
     def timed(stage: str, started: float, detail: str = "") -> None:
@@ -73,33 +133,53 @@ def retrain_to_engine(
     started = time.perf_counter()
     simplified = run_cached(simplify_task, spec, exported, work_dir)
     timed("simplify", started, f"{simplified.nodes_before} -> {simplified.nodes_after} nodes")
+
+    try:
+        started = time.perf_counter()
+        _check_compatibility(spec, simplified.onnx_path, summary)
+        if summary.compatibility:
+            c = summary.compatibility[-1]
+            timed("check-ops", started, f"{c['source']}: {c['unsupported']} unsupported, {c['conditional']} conditional")
+        started = time.perf_counter()
+        calibration_sha256 = _validate_calibration(spec, run_dir, summary)
+        if summary.calibration:
+            timed("validate-calibration", started, f"{summary.calibration['samples']} samples passed")
+    except Exception as err:
+        summary.message = str(err)
+        _finish(summary)
+        raise
+
     started = time.perf_counter()
     reference = reference_task(spec, ckpt, artifacts / "cache" / spec.name)
     timed("reference", started, "cached" if reference.cached else "computed")
 
     started = time.perf_counter()
-    futures, outcomes = [], []
-    for target in spec.targets:
+    converted: dict[Precision, Path] = {}
+    pending, outcomes = [], []
+    for index, target in enumerate(spec.targets):
         backend = get_backend(target.backend.value)
         tag = target_tag(target, spec, backend.runtime_version())
-        availability = backend.availability(target)
-        blocked_reason = None
-        if not availability.available:
-            blocked_reason = availability.reason
-            status = TargetStatus.UNAVAILABLE
-        elif target.precision is not Precision.FP32:
-            blocked_reason, status = "not available yet: precision conversion is not built", TargetStatus.SKIPPED
-        if blocked_reason is not None:
-            logger.warning("target %s: %s: %s", tag, status.value, blocked_reason)
-            outcomes.append(TargetOutcome(tag=tag, backend=target.backend.value, precision=target.precision.value,
-                                          required=target.required, status=status, reason=blocked_reason))
+        route = route_target(target, backend.availability(target), deployment_problem)
+        if route.kind is RouteKind.UNAVAILABLE:
+            logger.warning("target %s: unavailable: %s", tag, route.reason)
+            outcomes.append(_blocked(target, tag, TargetStatus.UNAVAILABLE, route.reason))
             continue
-        futures.append(build_and_gate_task.submit(
-            spec, target, tag, simplified.onnx_path, reference, work_dir / tag, _previous_release(store, spec.name, tag)
-        ))
-    outcomes += [f.result() for f in futures]
+        if target.precision not in converted:
+            result = convert_precision_task(spec, simplified.onnx_path, target.precision, artifacts / "cache" / spec.name / "precision")
+            converted[target.precision] = result.onnx_path
+            summary.conversions.append(result.model_dump(mode="json", include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"}))
+        previous = previous_release(store, spec.name, tag)
+        if route.kind is RouteKind.LOCAL:
+            pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous))
+        else:
+            pending.append(build_on_worker_task.submit(
+                route.deployment, spec_path, spec.name, index, uri, run_id, converted[target.precision], reference,
+                work_dir / f"remote-{index}", previous,
+            ))
+    outcomes += [future.result() for future in pending]
+    Staging(store, spec.name, run_id).clear()
     summary.targets = outcomes
-    timed("build+gate", started, f"{len(futures)} target(s)")
+    timed("convert+build+gate", started, f"{len(pending)} target(s) built")
 
     required_failures = summary.required_failures()
     passed = [o for o in outcomes if o.status is TargetStatus.PASSED]
@@ -115,10 +195,17 @@ def retrain_to_engine(
         "onnx_sha256": simplified.sha256,
         "exported_onnx_sha256": exported.sha256,
         "spec_sha256": spec.sha256(),
-        "calibration_sha256": None,
+        "calibration_sha256": calibration_sha256,
         "code_version": code_version(),
     }
-    extra = {"stages": [s.model_dump() for s in summary.stages], "skipped_targets": [o.model_dump(mode="json", include={"tag", "status", "reason"}) for o in outcomes if o.status is not TargetStatus.PASSED]}
+    extra = {
+        "run_id": run_id,
+        "stages": [s.model_dump() for s in summary.stages],
+        "compatibility": summary.compatibility,
+        "calibration": summary.calibration,
+        "conversions": summary.conversions,
+        "left_out": [o.model_dump(mode="json", include={"tag", "status", "reason", "required"}) for o in outcomes if o.status is not TargetStatus.PASSED],
+    }
     version = publish_task(spec, uri, outcomes, lineage, extra)
     timed("publish", started, f"version {version}")
     for outcome in passed:
@@ -131,4 +218,8 @@ def retrain_to_engine(
 
 def _finish(summary: RunSummary) -> None:
     write_report(summary, summary.run_dir)
-    create_markdown_artifact(markdown=markdown_summary(summary), key="trtforge-" + re.sub(r"[^a-z0-9-]", "-", summary.model), description="trtforge run summary")
+    key = "trtforge-" + re.sub(r"[^a-z0-9-]", "-", summary.model)
+    create_markdown_artifact(markdown=markdown_summary(summary), key=key, description="trtforge run summary")
+    if summary.targets:
+        headers = ["target", "status", "metrics", "reason / notes", "location"]
+        create_table_artifact(table=[dict(zip(headers, row)) for row in target_rows(summary)], key=key + "-targets", description="targets")

@@ -112,7 +112,10 @@ def test_opset_outside_the_table_range_names_the_nodes_whose_definition_changed(
     # Reshape has a version-21 definition; Relu has not changed since opset 14.
     path = save_model(
         tmp_path / "opset21.onnx",
-        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Reshape", ["r", "shape"], ["y"], name="flatten")],
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Reshape", ["r", "shape"], ["y"], name="flatten"),
+        ],
         [tensor("x", FLOAT, [2, 3])],
         [tensor("y", FLOAT, [6])],
         [initializer("shape", [6], np.int64)],
@@ -165,11 +168,17 @@ def test_conv_with_initializer_weights_is_supported(tmp_path):
 
 
 def slice_model(tmp_path, axes_from: str) -> Path:
-    nodes, inputs, inits = [], [tensor("x", FLOAT, [4, 6])], [initializer("starts", [1], np.int64), initializer("ends", [3], np.int64)]
+    nodes, inputs, inits = (
+        [],
+        [tensor("x", FLOAT, [4, 6])],
+        [initializer("starts", [1], np.int64), initializer("ends", [3], np.int64)],
+    )
     if axes_from == "graph input":
         inputs.append(tensor("axes", INT64, [1]))
     elif axes_from == "Constant node":
-        nodes.append(helper.make_node("Constant", [], ["axes"], name="axes_const", value=initializer("v", [1], np.int64)))
+        nodes.append(
+            helper.make_node("Constant", [], ["axes"], name="axes_const", value=initializer("v", [1], np.int64))
+        )
     else:
         inits.append(initializer("axes_init", [1], np.int64))
         nodes.append(helper.make_node("Identity", ["axes_init"], ["axes"], name="axes_identity"))
@@ -327,8 +336,16 @@ def test_element_types_tensorrt_does_not_take(tmp_path):
             helper.make_node("Cast", ["x"], ["as_double"], name="to_double", to=TensorProto.DOUBLE),
             helper.make_node("MatMul", ["ints", "ints_t"], ["product"], name="int_matmul"),
         ],
-        [tensor("x", FLOAT, [2]), tensor("ints", TensorProto.INT32, [2, 2]), tensor("ints_t", TensorProto.INT32, [2, 2])],
-        [tensor("as_text", TensorProto.STRING, [2]), tensor("as_double", TensorProto.DOUBLE, [2]), tensor("product", TensorProto.INT32, [2, 2])],
+        [
+            tensor("x", FLOAT, [2]),
+            tensor("ints", TensorProto.INT32, [2, 2]),
+            tensor("ints_t", TensorProto.INT32, [2, 2]),
+        ],
+        [
+            tensor("as_text", TensorProto.STRING, [2]),
+            tensor("as_double", TensorProto.DOUBLE, [2]),
+            tensor("product", TensorProto.INT32, [2, 2]),
+        ],
     )
     report = static(path)
     text = by_name(report, "to_string")
@@ -416,7 +433,14 @@ def external_model(folder: Path, zero_point: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = qdq_model(folder, str(zero_point))
     model = onnx.load(str(path))
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return path
 
 
@@ -458,7 +482,14 @@ def test_external_data_through_a_symbolic_link_is_refused(tmp_path):
 def test_data_file_is_what_the_generator_writes_from_the_published_table():
     source = REPO / "trtforge" / "data" / "tensorrt-10.1-onnx-operator-support.md"
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "tensorrt_ops_table.py"), str(source), "--tensorrt-version", "10.1", "--check"],
+        [
+            sys.executable,
+            str(REPO / "tools" / "tensorrt_ops_table.py"),
+            str(source),
+            "--tensorrt-version",
+            "10.1",
+            "--check",
+        ],
         capture_output=True,
         text=True,
     )
@@ -466,7 +497,9 @@ def test_data_file_is_what_the_generator_writes_from_the_published_table():
     data = json.loads((REPO / "trtforge" / "data" / "tensorrt_onnx_ops_10.1.json").read_text())
     assert data["tensorrt_version"] == "10.1" and (data["opset_min"], data["opset_max"]) == (9, 20)
     assert data["operators"]["Unique"]["supported"] is False
-    assert {"kind": "initializer_input", "input": "axes"} in [r["check"] for r in data["operators"]["Slice"]["restrictions"]]
+    assert {"kind": "initializer_input", "input": "axes"} in [
+        r["check"] for r in data["operators"]["Slice"]["restrictions"]
+    ]
 
 
 def test_table_versions(tmp_path):
@@ -482,7 +515,9 @@ def test_table_versions(tmp_path):
 
 def test_raise_if_unsupported_lists_each_node_with_reason_and_fix(tmp_path):
     report = static(custom_op_model(tmp_path))
-    with pytest.raises(CompatibilityError, match=r"(?s)fancy \[com.example::FancyNorm\]: .*domain 'com.example'.*fix: "):
+    with pytest.raises(
+        CompatibilityError, match=r"(?s)fancy \[com.example::FancyNorm\]: .*domain 'com.example'.*fix: "
+    ):
         report.raise_if_unsupported()
     assert json.loads(report.model_dump_json())["summary"]["unsupported"] == 1
 
@@ -509,7 +544,10 @@ def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_f
     merged, notes = merge_parser_result(result, parsed=False, errors=errors, plugins=[])
     verdicts = {n.name: n for n in merged}
     assert verdicts["first"].status == "supported"
-    assert verdicts["fancy"].status == "unsupported" and verdicts["fancy"].reason == "TensorRT's parser: no importer for FancyNorm"
+    assert (
+        verdicts["fancy"].status == "unsupported"
+        and verdicts["fancy"].reason == "TensorRT's parser: no importer for FancyNorm"
+    )
     assert verdicts["dedupe"].status == "unsupported" and "not imported" in verdicts["dedupe"].reason
     assert verdicts["last"].status == "supported" and "not imported" in verdicts["last"].reason
     assert verdicts["(model)"].reason == "TensorRT's parser: input x has an unsupported type"

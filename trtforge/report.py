@@ -1,4 +1,4 @@
-"""The run report: report.md for people and CI pages, report.json for machines."""
+"""The run report: report.md for people and CI pages, report.json for machines, and an accuracy/latency plot."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from trtforge.summary import RunSummary
+from trtforge.summary import RunSummary, TargetStatus
 
 SHOWN_METRICS = ("accuracy", "agreement", "cosine_mean", "recall_at_k", "max_abs_error", "latency_ms_median", "latency_ms_p99")
+PLOT_NAME = "accuracy_latency.png"
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -24,29 +25,92 @@ def target_rows(summary: RunSummary) -> list[list[str]]:
     return rows
 
 
-def markdown_summary(summary: RunSummary) -> str:
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
     lines = [f"## trtforge: {summary.model}", ""]
     if summary.up_to_date:
-        lines.append(f"**up to date: version {summary.version}** — nothing rebuilt.")
+        lines.append(f"**up to date: version {summary.version}**: nothing rebuilt.")
     elif summary.published:
         lines.append(f"**published version {summary.version}** to `{summary.registry}`.")
     else:
         lines.append(f"**not published**: {summary.message}")
     if summary.stages:
-        lines += ["", "| stage | seconds | detail |", "|---|---:|---|"]
-        lines += [f"| {s.stage} | {s.seconds:.1f} | {s.detail} |" for s in summary.stages]
+        lines += ["", "### Stages", ""]
+        lines += _table(["stage", "seconds", "detail"], [[s.stage, f"{s.seconds:.1f}", s.detail] for s in summary.stages])
+    for check in summary.compatibility:
+        lines += ["", f"### Operator compatibility (TensorRT {check['tensorrt_version']}, {check['source']})", ""]
+        lines.append(f"{check['nodes']} nodes: {check['supported']} supported, {check['conditional']} conditional, {check['unsupported']} unsupported.")
+        if check["flagged_op_types"]:
+            lines += [""] + _table(
+                ["op type", "conditional", "unsupported"],
+                [[r["op_type"], str(r["conditional"]), str(r["unsupported"])] for r in check["flagged_op_types"]],
+            )
+    if summary.calibration:
+        cal = summary.calibration
+        lines += ["", "### Calibration set", ""]
+        lines.append(f"{cal['samples']} samples, {'passed' if cal['passed'] else 'FAILED'} (sha256 `{cal['sha256'][:16]}`).")
+        for failure in cal.get("failed", []):
+            lines.append(f"- {failure['expectation']} on {failure['column']}: {failure['details']}")
     if summary.targets:
-        lines += ["", "| target | status | metrics | reason / notes | location |", "|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in target_rows(summary)]
+        lines += ["", "### Targets", ""]
+        lines += _table(["target", "status", "metrics", "reason / notes", "location"], target_rows(summary))
+        for target in summary.targets:
+            if target.thresholds:
+                shown = ", ".join(f"{k}={v:g}" for k, v in target.thresholds.items())
+                lines.append(f"\n`{target.tag}` thresholds: {shown}")
+    if plot:
+        lines += ["", f"![accuracy against latency]({plot})"]
     if summary.warnings:
-        lines += ["", "Warnings:", *[f"- {w}" for w in summary.warnings]]
+        lines += ["", "### Warnings", "", *[f"- {w}" for w in summary.warnings]]
     return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
+    """Task metric against median latency per built target; failing targets marked with a red cross."""
+    points = [t for t in summary.targets if "latency_ms_median" in t.metrics]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for target in points:
+        metric = next((m for m in ("accuracy", "agreement", "cosine_mean") if m in target.metrics), None)
+        if metric is None:
+            continue
+        passed = target.status is TargetStatus.PASSED
+        axes.scatter(
+            target.metrics["latency_ms_median"], target.metrics[metric], marker="o" if passed else "x", s=80,
+            color="tab:green" if passed else "tab:red", label=f"{target.tag} ({'pass' if passed else 'FAIL'})",
+        )
+    axes.set_xlabel("median latency at the opt shape (ms)")
+    axes.set_ylabel("task metric (accuracy, else agreement or cosine)")
+    axes.set_title(f"{summary.model}: accuracy against latency")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
 
 
 def write_report(summary: RunSummary, run_dir: Path) -> tuple[Path, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_accuracy_latency(summary, run_dir / PLOT_NAME)
     markdown, data = run_dir / "report.md", run_dir / "report.json"
-    for path, text in ((markdown, markdown_summary(summary)), (data, json.dumps(summary.model_dump(mode="json"), indent=2))):
+    contents = (
+        (markdown, markdown_summary(summary, plot.name if plot else None)),
+        (data, json.dumps(summary.model_dump(mode="json"), indent=2)),
+    )
+    for path, text in contents:
         partial = path.with_name(path.name + ".partial")
         partial.write_text(text)
         os.replace(partial, path)

@@ -211,9 +211,12 @@ class Target(Strict):
 
     @property
     def pool(self) -> str | None:
-        if self.backend is not BackendName.TENSORRT:
-            return None
-        return self.work_pool or f"gpu-{self.arch.replace('_', '')}"
+        """The Prefect work pool whose build-target deployment builds this target off this machine."""
+        if self.work_pool is not None:
+            return self.work_pool
+        if self.backend is BackendName.TENSORRT:
+            return f"gpu-{self.arch.replace('_', '')}"
+        return None
 
 
 class ModelSpec(Strict):

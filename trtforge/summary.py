@@ -50,6 +50,9 @@ class RunSummary(BaseModel):
     stages: list[StageTiming] = []
     targets: list[TargetOutcome] = []
     warnings: list[str] = []
+    compatibility: list[dict[str, Any]] = []
+    calibration: dict[str, Any] | None = None
+    conversions: list[dict[str, Any]] = []
 
     def public_json(self) -> dict[str, Any]:
         """The stable ``--json`` shape of ``trtforge run``."""

@@ -213,23 +213,23 @@ class DirectoryStore:
         size = 0
         block_size = min(_COPY_BLOCK, max(self._max_bandwidth // 4, 64 * 1024)) if self._max_bandwidth else _COPY_BLOCK
         started = time.monotonic()
-        with self._temp_beside(target) as (temp, handle), open(path, "rb") as source:
-            # Hash the bytes as they are written, so what is stored is exactly what is reported.
-            while block := source.read(block_size):
-                handle.write(block)
-                digest.update(block)
-                size += len(block)
-                if self._max_bandwidth:
-                    time.sleep(max(0.0, size / self._max_bandwidth - (time.monotonic() - started)))
-            handle.flush()
-            os.fsync(handle.fileno())
-            # Published files are immutable: read-only guards them against an accidental edit in place.
-            os.fchmod(handle.fileno(), 0o444)
-            self._link_new(temp, target, key)
-        _fsync_dir(target.parent)
-        stored = target.stat().st_size
-        if stored != size:
-            raise RegistryError(f"{self.uri}/{key}: stored {stored} bytes but wrote {size}; the registry disk may be full")
+        try:
+            with self._temp_beside(target) as (temp, handle), open(path, "rb") as source:
+                # Hash the bytes as they are written, so what is stored is exactly what is reported.
+                while block := source.read(block_size):
+                    handle.write(block)
+                    digest.update(block)
+                    size += len(block)
+                    if self._max_bandwidth:
+                        time.sleep(max(0.0, size / self._max_bandwidth - (time.monotonic() - started)))
+                handle.flush()
+                os.fsync(handle.fileno())
+                # Published files are immutable: read-only guards them against an accidental edit in place.
+                os.fchmod(handle.fileno(), 0o444)
+                self._link_new(temp, target, key)
+            _fsync_dir(target.parent)
+        except OSError as err:
+            raise RegistryError(f"cannot copy {path} to {self.uri}/{key}: {err.strerror}") from None
         return UploadedFile(digest.hexdigest(), size)
 
     def download_file(self, key: str, dest: Path) -> None:

@@ -45,8 +45,8 @@ Source = Literal["tensorrt-parser", "static-table"]
 SEVERITY: dict[str, int] = {"supported": 0, "conditional": 1, "unsupported": 2}
 
 FOLD_FIX = (
-    "make it a constant: run the simplify stage (onnxsim folds constants), or "
-    "`polygraphy surgeon sanitize --fold-constants`, or pass a Python value instead of a tensor in the model"
+    "fold it into an initializer: run the simplify stage (onnxsim folds constants) or "
+    "`polygraphy surgeon sanitize --fold-constants`, or compute it from Python values, not tensors, in the model"
 )
 QDQ_FIX = (
     "quantize symmetrically, with zero points of 0 (the convert stage's ModelOpt int8/fp8 Q/DQ does; "
@@ -233,10 +233,7 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 def available_tables() -> dict[str, Path]:
     """TensorRT version (major.minor) -> operator data file shipped with trtforge."""
-    return {
-        path.stem.removeprefix(TABLE_PREFIX): path
-        for path in sorted(DATA_DIR.glob(f"{TABLE_PREFIX}*.json"))
-    }
+    return {path.stem.removeprefix(TABLE_PREFIX): path for path in sorted(DATA_DIR.glob(f"{TABLE_PREFIX}*.json"))}
 
 
 def load_table(tensorrt_version: str | None = None) -> tuple[OperatorTable, str | None]:
@@ -304,7 +301,9 @@ def _load_model(path: Path):
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         message = str(err).strip().splitlines()[0]
-        if "TensorProto" in message and ("external" in message.lower() or "stored in" in message or "inside" in message):
+        if "TensorProto" in message and (
+            "external" in message.lower() or "stored in" in message or "inside" in message
+        ):
             raise StageError(
                 STAGE,
                 f"{path}: external data refused: {message}. External data must be regular files inside "
@@ -331,7 +330,10 @@ def _infer_types(model) -> tuple[Any, str | None]:
         return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True), None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return model, f"shape inference failed ({first}); element types and ranks come only from what the model declares"
+        return (
+            model,
+            f"shape inference failed ({first}); element types and ranks come only from what the model declares",
+        )
 
 
 # --------------------------------------------------------------------------- graph facts
@@ -384,7 +386,12 @@ class _Scope:
                 if tensor is not None:
                     self.constants[node.output[0]] = tensor
             # TensorRT's parser passes weights through Identity unchanged, so they stay initializers.
-            if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and node.input and node.input[0] in self.constants:
+            if (
+                node.op_type == "Identity"
+                and node.domain in DEFAULT_DOMAINS
+                and node.input
+                and node.input[0] in self.constants
+            ):
                 self.constants[node.output[0]] = self.constants[node.input[0]]
 
     def is_constant(self, name: str) -> bool:
@@ -428,7 +435,9 @@ def _constant_node_tensor(node):
             is_float = attribute.name.startswith("value_float")
             dims = [] if attribute.name in ("value_float", "value_int") else [len(value)]
             values = value if isinstance(value, list) else [value]
-            return helper.make_tensor(node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values)
+            return helper.make_tensor(
+                node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values
+            )
     return None
 
 
@@ -537,8 +546,8 @@ class _Checker:
             return [
                 _Finding(
                     "unsupported",
-                    f"{node.op_type} is in domain '{domain}'; TensorRT's ONNX parser implements only the default "
-                    "ONNX domain, and no plugin is declared for it",
+                    f"{node.op_type} is in domain '{domain}', which TensorRT's ONNX operator table does not cover, "
+                    "and no plugin is declared for it",
                     PLUGIN_FIX.format(op=node.op_type, name=domain),
                 )
             ]
@@ -589,7 +598,11 @@ class _Checker:
             for finding in self.check(inner, body):
                 if finding.status != "supported":
                     findings.append(
-                        _Finding(finding.status, f"in local function {node.op_type}, node {node_name(inner)}: {finding.reason}", finding.fix)
+                        _Finding(
+                            finding.status,
+                            f"in local function {node.op_type}, node {node_name(inner)}: {finding.reason}",
+                            finding.fix,
+                        )
                     )
         return findings
 
@@ -673,7 +686,8 @@ class _Checker:
             "unsupported",
             f"attribute {attribute}={value!r}; TensorRT {self.version} takes {node.op_type} only with {attribute} in ({allowed})",
             ATTRIBUTE_FIXES.get(
-                (node.op_type, attribute), f"set {attribute} to one of ({allowed}) in the call that produces this {node.op_type}"
+                (node.op_type, attribute),
+                f"set {attribute} to one of ({allowed}) in the call that produces this {node.op_type}",
             ),
         )
 
@@ -717,7 +731,8 @@ class _Checker:
             return None
         return _Finding(
             "unsupported",
-            f"{dims}D {node.op_type}; TensorRT {self.version} takes it only over {' or '.join(map(str, ranks))} spatial dimensions",
+            f"{dims}D {node.op_type}; TensorRT {self.version} takes it only over "
+            f"{' or '.join(map(str, ranks))} spatial dimensions",
             "reshape around it so the operation runs in 2D or 3D (e.g. 1D as 2D with a dimension of 1)",
         )
 
@@ -753,7 +768,8 @@ class _Checker:
                 "conditional",
                 f"input '{input}' comes from tensor '{tensor}', computed at run time: TensorRT requires "
                 f"{input} < {limit}, which cannot be checked before the engine runs",
-                f"pass {input} as a constant (a Python int) so it becomes an initializer; " + FOLD_FIX,
+                f"make {input} a constant (a Python int in the model, or folded by the simplify stage) so it is "
+                "an initializer TensorRT checks when it builds the engine",
             )
         value = scope.value(tensor)
         if value is not None and value.size and int(value.max()) >= limit:
@@ -773,7 +789,8 @@ class _Checker:
         if shape is None:
             return _Finding(
                 "conditional",
-                f"with scales from a tensor, TensorRT {self.version} needs Resize's axes to be 0..rank-1; the input's rank is unknown here",
+                f"with scales from a tensor, TensorRT {self.version} needs Resize's axes to be 0..rank-1; "
+                "the input's rank is unknown here",
                 CONFIRM_FIX,
             )
         rank = len(shape)
@@ -790,7 +807,9 @@ class _Checker:
         shape = scope.shape(tensor) if tensor else None
         if shape is None:
             return _Finding(
-                "conditional", f"TensorRT {self.version} needs {input} of {node.op_type} to have static dimensions; its shape is unknown here", CONFIRM_FIX
+                "conditional",
+                f"TensorRT {self.version} needs {input} of {node.op_type} to have static dimensions; its shape is unknown here",
+                CONFIRM_FIX,
             )
         if all(isinstance(d, int) and d > 0 for d in shape):
             return None
@@ -806,14 +825,16 @@ class _Checker:
         if shape is None:
             return _Finding(
                 "conditional",
-                f"TensorRT {self.version} takes {node.op_type} only with a rank-{' or '.join(map(str, ranks))} {input}; its rank is unknown here",
+                f"TensorRT {self.version} takes {node.op_type} only with a rank-{' or '.join(map(str, ranks))} "
+                f"{input}; its rank is unknown here",
                 CONFIRM_FIX,
             )
         if len(shape) in ranks:
             return None
         return _Finding(
             "unsupported",
-            f"input '{input}' has rank {len(shape)}; TensorRT {self.version} takes {node.op_type} only with rank {' or '.join(map(str, ranks))}",
+            f"input '{input}' has rank {len(shape)}; TensorRT {self.version} takes {node.op_type} only with rank "
+            f"{' or '.join(map(str, ranks))}",
             "reshape the input to a rank TensorRT takes before this node",
         )
 
@@ -850,7 +871,8 @@ class _Checker:
             return None
         return _Finding(
             "conditional",
-            f"{attribute}={_attribute(node, attribute, schema)} is ignored by TensorRT: its random values differ from other runtimes'",
+            f"{attribute}={_attribute(node, attribute, schema)} is ignored by TensorRT: its random values differ "
+            "from other runtimes'",
             "do not rely on reproducible random values from the engine",
         )
 
@@ -860,7 +882,8 @@ class _Checker:
         if shape is None or axis is None:
             return _Finding(
                 "conditional",
-                f"TensorRT {self.version} needs the {attribute} dimension of {node.op_type}'s input to be static; it is unknown here",
+                f"TensorRT {self.version} needs the {attribute} dimension of {node.op_type}'s input to be static; "
+                "it is unknown here",
                 CONFIRM_FIX,
             )
         dim = shape[axis % len(shape)] if shape else None
@@ -908,14 +931,14 @@ class _Checker:
                 "unsupported",
                 f"weights '{input}' come from tensor '{tensor}' and their shape ({shape or 'unknown'}) is not static; "
                 "TensorRT needs the output-channel and kernel dimensions when it builds the layer",
-                "make the weights an initializer (" + FOLD_FIX + "), or give them a static shape",
+                "give the weights a static shape, or " + FOLD_FIX,
             )
         return _Finding(
             "conditional",
             f"weights '{input}' come from tensor '{tensor}', not an initializer: TensorRT {self.version} takes runtime "
             "weights of a static shape, but some 10.x parsers then also require the bias to be an initializer, and "
             "TensorRT 8.x refuses them",
-            "if the weights are fixed, make them an initializer (" + FOLD_FIX + "); otherwise " + CONFIRM_FIX,
+            "if the weights are fixed, " + FOLD_FIX + "; otherwise " + CONFIRM_FIX,
         )
 
     # -- element types
@@ -940,7 +963,9 @@ class _Checker:
                     "sparse_tensor_type": "a sparse tensor",
                 }.get(kind, f"a {kind}")
                 findings.append(
-                    _Finding("unsupported", f"{role} '{tensor}' is {what}; TensorRT takes only dense tensors", NON_TENSOR_FIX)
+                    _Finding(
+                        "unsupported", f"{role} '{tensor}' is {what}; TensorRT takes only dense tensors", NON_TENSOR_FIX
+                    )
                 )
                 continue
             elem = type_proto.tensor_type.elem_type
@@ -1022,6 +1047,8 @@ def _verdict(findings: Iterable[_Finding]) -> tuple[Status, str, str]:
 
 @dataclass(frozen=True)
 class StaticResult:
+    """The static verdicts, with each node's own name and where the top-level nodes (the parser's indices) are."""
+
     nodes: list[NodeReport]
     raw_names: list[str]
     top_level: list[int]
@@ -1184,7 +1211,8 @@ def merge_parser_result(
                     update={
                         "status": "unsupported",
                         "reason": f"TensorRT's parser: {message}",
-                        "fix": fix or "change or replace this node as the parser's message says, or serve the op with a declared plugin",
+                        "fix": fix
+                        or "change or replace this node as the parser's message says, or serve the op with a declared plugin",
                     }
                 )
             )
@@ -1192,7 +1220,9 @@ def merge_parser_result(
             merged.append(node.model_copy(update={"status": "supported", "reason": "", "fix": ""}))
         else:
             prefix = f"not imported: TensorRT's parser stops at the first failing node ({nodes[first_failure].name})"
-            reason = f"{prefix}; static table: {node.reason}" if node.reason else f"{prefix}; the static table finds nothing"
+            reason = (
+                f"{prefix}; static table: {node.reason}" if node.reason else f"{prefix}; the static table finds nothing"
+            )
             merged.append(node.model_copy(update={"reason": reason}))
     for error in unplaced:
         merged.append(
@@ -1247,7 +1277,9 @@ def analyse(
             except Exception as err:
                 if use_tensorrt:
                     raise StageError(STAGE, f"TensorRT's parser could not start: {type(err).__name__}: {err}") from None
-                notes.append(f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table")
+                notes.append(
+                    f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table"
+                )
             if parser_outcome is not None and tensorrt_version and use_tensorrt is None:
                 installed = parser_outcome[2]
                 if _version_key(installed) != _version_key(tensorrt_version):
@@ -1270,7 +1302,9 @@ def analyse(
             table, table_note = load_table(version)
         except StageError:
             table, _ = load_table(None)
-            table_note = f"trtforge has no operator table for TensorRT {version} or older; used {table.tensorrt_version}'s"
+            table_note = (
+                f"trtforge has no operator table for TensorRT {version} or older; used {table.tensorrt_version}'s"
+            )
         static = static_check(model, path.parent, table, plugins)
         nodes, merge_notes = merge_parser_result(static, parsed, errors, plugins)
         source = "tensorrt-parser"
@@ -1309,6 +1343,4 @@ def check_ops(
     path = Path(onnx_path)
     if not path.is_file():
         raise StageError(STAGE, f"ONNX model {path} does not exist: pass the path to an exported .onnx file")
-    return run_isolated(
-        STAGE, analyse, str(path), list(plugins), tensorrt_version, use_tensorrt, timeout_s=timeout_s
-    )
+    return run_isolated(STAGE, analyse, str(path), list(plugins), tensorrt_version, use_tensorrt, timeout_s=timeout_s)

@@ -1,0 +1,73 @@
+"""Building a target on another worker: the build-target deployment of the target's work pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+
+from trtforge.errors import StageError
+from trtforge.hashing import sha256_file
+from trtforge.registry import open_registry
+from trtforge.stages.gate import PreviousRelease
+from trtforge.stages.reference import ReferenceResult
+from trtforge.staging import Staging, target_slot
+from trtforge.summary import TargetOutcome
+
+
+def deployment_problem(name: str) -> str | None:
+    """None when ``name`` is deployed and something polls it (a worker on its pool, or ``serve``), else what is missing."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return "not deployed; deploy it with: prefect deploy --prefect-file infra/prefect.yaml --all"
+        status = getattr(deployment.status, "value", deployment.status)
+        if status != "READY":
+            where = f"pool {deployment.work_pool_name}" if deployment.work_pool_name else "its serve process"
+            return f"deployed but not ready: no worker is polling {where}"
+    return None
+
+
+@task(name="build-on-worker", task_run_name="build-on-worker-{deployment}")
+def build_on_worker_task(
+    deployment: str,
+    spec_path: str,
+    model: str,
+    target_index: int,
+    registry: str,
+    run_id: str,
+    onnx_path: Path,
+    reference: ReferenceResult,
+    work_dir: Path,
+    previous: PreviousRelease | None = None,
+) -> TargetOutcome:
+    staging = Staging(open_registry(registry), model, run_id)
+    onnx_sha256, reference_sha256 = sha256_file(onnx_path), sha256_file(reference.path)
+    onnx_name = f"onnx-{onnx_sha256[:16]}.onnx"
+    staging.put(onnx_name, onnx_path)
+    staging.put("reference.npz", reference.path)
+    logger = get_run_logger()
+    logger.info("target %d: building on deployment %s", target_index, deployment)
+    flow_run = run_deployment(
+        deployment,
+        parameters={
+            "spec_path": spec_path,
+            "target_index": target_index,
+            "registry": registry,
+            "run_id": run_id,
+            "onnx_name": onnx_name,
+            "onnx_sha256": onnx_sha256,
+            "reference_sha256": reference_sha256,
+            "previous": previous.model_dump() if previous else None,
+        },
+        timeout=None,
+        as_subflow=True,
+    )
+    if not flow_run.state or not flow_run.state.is_completed():
+        state = flow_run.state
+        raise StageError("build", f"deployment {deployment} run {flow_run.name} ended {state.name if state else 'without a state'}: {state.message if state else ''}")
+    return staging.get_outcome(target_slot(target_index), work_dir)

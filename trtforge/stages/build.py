@@ -1,0 +1,46 @@
+"""Stage 'build + gate': build one target's engine and gate it on the machine that built it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trtforge.backends.base import get_backend
+from trtforge.evalset import load_eval_set
+from trtforge.spec import ModelSpec, Target
+from trtforge.stages.gate import PreviousRelease, gate_target
+from trtforge.stages.reference import ReferenceResult, load_reference
+from trtforge.summary import TargetOutcome, TargetStatus
+
+
+def build_and_gate(
+    spec: ModelSpec,
+    target: Target,
+    onnx_path: Path,
+    reference: ReferenceResult,
+    work_dir: Path,
+    previous: PreviousRelease | None = None,
+    timing_cache: Path | None = None,
+) -> TargetOutcome:
+    """``timing_cache`` (TensorRT only) is read before the build and updated after it."""
+    backend = get_backend(target.backend.value)
+    options = {"timing_cache": timing_cache} if timing_cache is not None else {}
+    built = backend.build(onnx_path, target, spec, work_dir, **options)
+    runner = backend.load_runner(built.engine_path)
+    result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous)
+    gate_json = work_dir / "gate.json"
+    gate_json.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    return TargetOutcome(
+        tag=built.tag,
+        backend=target.backend.value,
+        precision=target.precision.value,
+        required=target.required,
+        status=TargetStatus.PASSED if result.passed else TargetStatus.FAILED,
+        reason="; ".join(result.failures),
+        metrics=result.metrics,
+        thresholds=result.thresholds,
+        failures=result.failures,
+        notes=result.notes,
+        record=built.record,
+        files={"engine": built.engine_path, **built.extra_files, "gate.json": gate_json},
+    )

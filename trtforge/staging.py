@@ -1,0 +1,67 @@
+"""Hand-off of a run's intermediate files between the main flow and build workers, through the registry.
+
+A build worker on another machine shares nothing with the main flow but the registry, so the
+converted ONNX and the reference outputs go up to ``<model>/staging/<run>/`` and the built
+engine's files come back the same way. Staging is not part of any version: readers never see
+it, and ``trtforge gc`` removes what a crashed run left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from trtforge.errors import RegistryError
+from trtforge.hashing import sha256_file
+from trtforge.summary import TargetOutcome
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def target_slot(target_index: int) -> str:
+    return f"target-{target_index}"
+
+
+class Staging:
+    def __init__(self, registry, model: str, run_id: str):
+        if not RUN_ID.match(run_id):
+            raise RegistryError(f"invalid staging run id {run_id!r}")
+        self.registry = registry
+        self.prefix = f"{model}/staging/{run_id}"
+
+    def put(self, name: str, path: Path) -> str:
+        key = f"{self.prefix}/{name}"
+        self.registry.store.upload_file(key, path)
+        return key
+
+    def get(self, name: str, dest: Path, sha256: str | None = None) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.registry.store.download_file(f"{self.prefix}/{name}", dest)
+        if sha256 is not None and sha256_file(dest) != sha256:
+            dest.unlink(missing_ok=True)
+            raise RegistryError(f"staged file {self.prefix}/{name} does not match its sha256")
+        return dest
+
+    def put_outcome(self, slot: str, outcome: TargetOutcome) -> None:
+        """Upload a built target's files, then its outcome: the outcome's presence means the files are complete."""
+        staged = {}
+        for name, path in outcome.files.items():
+            self.put(f"{slot}/{name}", path)
+            staged[name] = {"sha256": sha256_file(path)}
+        payload = outcome.model_dump(mode="json")
+        payload["files"] = staged
+        self.registry.store.put(f"{self.prefix}/{slot}/outcome.json", json.dumps(payload).encode())
+
+    def get_outcome(self, slot: str, dest_dir: Path) -> TargetOutcome:
+        stored = self.registry.store.get(f"{self.prefix}/{slot}/outcome.json")
+        if stored is None:
+            raise RegistryError(f"the build worker left no result at {self.prefix}/{slot}/outcome.json")
+        payload = json.loads(stored.data)
+        files = {name: self.get(f"{slot}/{name}", dest_dir / name, meta["sha256"]) for name, meta in payload["files"].items()}
+        payload["files"] = {name: str(path) for name, path in files.items()}
+        return TargetOutcome.model_validate(payload)
+
+    def clear(self) -> None:
+        for info in self.registry.store.list(self.prefix + "/"):
+            self.registry.store.delete(info.key)
