@@ -112,15 +112,18 @@ def resnet18_workload(work: Path) -> Workload:
     return Workload("resnet18", path, spec, {"input": calibration}, probe, None)
 
 
-def median_latency_ms(runner, feeds: dict[str, np.ndarray], min_seconds: float, min_runs: int = 3) -> float:
-    runner.run(feeds)  # first run allocates and picks kernels
-    times = []
+def median_latencies_ms(runners: dict[Precision, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3) -> dict[Precision, float]:
+    """Runs the precisions in turn, round after round, so load from other processes falls on all of them alike."""
+    for runner in runners.values():
+        runner.run(feeds)  # the first run allocates and picks kernels
+    times: dict[Precision, list[float]] = {precision: [] for precision in runners}
     started = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
-        tick = time.perf_counter()
-        runner.run(feeds)
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times) * 1000
+    while len(times[Precision.FP32]) < min_rounds or time.perf_counter() - started < min_seconds * len(runners):
+        for precision, runner in runners.items():
+            tick = time.perf_counter()
+            runner.run(feeds)
+            times[precision].append(time.perf_counter() - tick)
+    return {precision: statistics.median(samples) * 1000 for precision, samples in times.items()}
 
 
 def run_all(runner, images: np.ndarray, batch: int) -> np.ndarray:
@@ -130,7 +133,7 @@ def run_all(runner, images: np.ndarray, batch: int) -> np.ndarray:
 def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
     backend = get_backend("onnxruntime")
     outputs: dict[Precision, np.ndarray] = {}
-    latencies: dict[tuple[Precision, int], float] = {}
+    runners = {}
     for precision in PRECISIONS:
         converted = convert_precision(
             workload.onnx_path,
@@ -142,10 +145,12 @@ def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
         )
         target = Target(precision=precision)
         built = backend.build(converted.onnx_path, target, workload.spec, work / workload.name / f"engine-{precision.value}")
-        runner = backend.load_runner(built.engine_path)
-        outputs[precision] = run_all(runner, workload.probe, max(BATCHES))
-        for batch in BATCHES:
-            latencies[precision, batch] = median_latency_ms(runner, {"input": workload.probe[:batch]}, min_seconds)
+        runners[precision] = backend.load_runner(built.engine_path)
+        outputs[precision] = run_all(runners[precision], workload.probe, max(BATCHES))
+    latencies = {}
+    for batch in BATCHES:
+        for precision, latency in median_latencies_ms(runners, {"input": workload.probe[:batch]}, min_seconds).items():
+            latencies[precision, batch] = latency
 
     rows = []
     for precision in PRECISIONS:

@@ -54,9 +54,10 @@ def previous_release(registry, model: str, tag: str, alias: str | None = None) -
     return None
 
 
-def _blocked(target: Target, tag: str, status: TargetStatus, reason: str) -> TargetOutcome:
+def _unavailable(target: Target, tag: str, reason: str, details: tuple[str, ...]) -> TargetOutcome:
     return TargetOutcome(
-        tag=tag, backend=target.backend.value, precision=target.precision.value, required=target.required, status=status, reason=reason
+        tag=tag, backend=target.backend.value, precision=target.precision.value, required=target.required,
+        status=TargetStatus.UNAVAILABLE, reason=reason, notes=list(details),
     )
 
 
@@ -161,8 +162,8 @@ def retrain_to_engine(
         tag = target_tag(target, spec, backend.runtime_version())
         route = route_target(target, backend.availability(target), deployment_problem)
         if route.kind is RouteKind.UNAVAILABLE:
-            logger.warning("target %s: unavailable: %s", tag, route.reason)
-            outcomes.append(_blocked(target, tag, TargetStatus.UNAVAILABLE, route.reason))
+            logger.warning("target %s: unavailable: %s (%s)", tag, route.reason, "; ".join(route.details))
+            outcomes.append(_unavailable(target, tag, route.reason, route.details))
             continue
         if target.precision not in converted:
             result = convert_precision_task(spec, simplified.onnx_path, target.precision, artifacts / "cache" / spec.name / "precision")

@@ -78,6 +78,7 @@ def test_unsupported_op_is_named_with_reason_and_fix(tmp_path):
     assert [n.name for n in report.unsupported] == ["dedupe"]
     assert report.summary.by_op_type["Unique"].unsupported == 1
     assert report.summary.by_op_type["Relu"].supported == 1
+    assert report.summary_rows() == [{"op_type": "Unique", "count": 1, "supported": 0, "conditional": 0, "unsupported": 1}]
     assert any("static check can miss restrictions only TensorRT's parser sees" in note for note in report.notes)
 
 

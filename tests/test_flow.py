@@ -117,3 +117,67 @@ def test_given_checkpoint_is_used_and_cli_prints_json(tmp_path, digits_checkpoin
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert json.loads(again.stdout)["up_to_date"] is True
+
+
+@pytest.fixture()
+def served_build_target(tmp_path):
+    """flows/build_target.py served as deployment build-target/test-builders by a real `serve` process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from flows.build_target import build_target; build_target.serve(name='test-builders')"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("build-target/test-builders")
+                    if getattr(deployment.status, "value", deployment.status) == "READY":
+                        break
+                except Exception:
+                    pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("serve did not become ready: " + (tmp_path / "serve.log").read_text()[-2000:])
+            time.sleep(1)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def test_target_with_a_work_pool_is_built_by_the_served_build_target_deployment(tmp_path, digits_checkpoint, served_build_target):
+    data = yaml.safe_load(DIGITS_SPEC.read_text())
+    targets = [{"backend": "onnxruntime", "precision": "fp32", "required": True, "work_pool": "test-builders"}]
+    spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
+    summary = run_flow(spec, tmp_path)
+    (target,) = summary.targets
+    assert target.status.value == "passed" and target.metrics["accuracy"] > 0.95
+    assert "remote-0" in str(target.files["engine"]), "the engine came back from the worker through staging"
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    assert registry.versions("digits-cnn") == [1]
+    assert registry.store.list("digits-cnn/staging/") == [], "staging is cleared after the run"
+
+
+def test_required_target_without_worker_fails_the_run(tmp_path, digits_checkpoint):
+    data = yaml.safe_load(DIGITS_SPEC.read_text())
+    targets = data["targets"][:1] + [{"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": True}]
+    spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
+    with pytest.raises(RunFailed, match=r"trt.*-sm90-fp16-b1_32_128 unavailable: no GPU worker for sm_90: start a worker on pool gpu-sm90, or remove the target"):
+        run_flow(spec, tmp_path)
+    assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []

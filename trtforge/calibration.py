@@ -7,7 +7,16 @@ Three formats (see ``calibration_data/README.md``):
 - ``.npy`` with the one array of a single-input model, already preprocessed;
 - a folder of PNG/JPEG images, turned into model input with the spec's ``Preprocessing``
   (color, resize, scale, mean/std, layout). With ``calibration.labels`` set, each image's
-  class is the name of the subfolder it sits in.
+  class is the name of the subfolder it sits in;
+- any of these packed in a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` archive.
+
+Archives are untrusted: they are unpacked into a temporary folder that is removed afterwards,
+and refused before anything is written when a member's path is absolute or climbs out with
+``..``, when a member is a symbolic link, a hard link to anything but an earlier file of the
+archive, a device or a FIFO, or when the archive holds more members, more bytes or a higher
+unpacked-to-packed ratio than the spec's ``max_archive_*`` caps (zip bombs). Tar members go
+through tarfile's ``data`` filter as well. An ``.npz`` is a zip archive too: its declared sizes
+are held to the same caps before numpy allocates anything.
 
 Arrays are returned as stored: checking them against the spec is the job of
 ``trtforge.stages.validate_calibration``.
@@ -17,10 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import stat
+import tarfile
+import tempfile
 import zipfile
+import zlib
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -29,7 +44,13 @@ from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec, Preprocessing
 
 STAGE = "calibration"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+ARRAY_SUFFIXES = frozenset({".npz", ".npy"})
 NUMERIC_KINDS = frozenset("biuf")
+TAR_SUFFIXES = {".tar": "r:", ".tar.gz": "r:gz", ".tgz": "r:gz"}
+ZIP_SUFFIX = ".zip"
+# Folders that archivers add beside the content (macOS resource forks).
+ARCHIVER_LITTER = frozenset({"__MACOSX"})
+COPY_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,7 +60,8 @@ class CalibrationSet:
     ``arrays`` hold one array per input name, samples on axis 0; ``sample_names`` name those
     samples (the index as text for arrays, the path relative to the folder for images).
     ``unreadable`` maps image files that could not be decoded to the reason; it is only ever
-    non-empty when the set was loaded with ``skip_unreadable=True``.
+    non-empty when the set was loaded with ``skip_unreadable=True``. ``from_images`` tells
+    whether the samples were decoded from image files (a folder, or an archive of images).
     """
 
     arrays: dict[str, np.ndarray]
@@ -48,6 +70,7 @@ class CalibrationSet:
     sha256: str
     source: Path
     unreadable: dict[str, str] = field(default_factory=dict)
+    from_images: bool = False
 
     @property
     def samples(self) -> int:
@@ -61,7 +84,7 @@ def calibration_spec(spec: ModelSpec, data: Path | None = None) -> CalibrationSp
             raise CalibrationError(
                 STAGE,
                 f"spec {spec.name!r} has no 'calibration' section: add one with 'data: PATH' "
-                "(.npz, .npy or an image folder), or pass the data path explicitly (--data)",
+                "(.npz, .npy, an image folder or a .tar/.tar.gz/.zip of them), or pass the data path explicitly (--data)",
             )
         return CalibrationSpec(data=Path(data))
     if data is None:
@@ -82,6 +105,12 @@ def load_calibration(spec: ModelSpec, data: Path | None = None, *, skip_unreadab
             STAGE,
             f"calibration data {path} does not exist: fix calibration.data in the spec or pass another path (--data)",
         )
+    if path.is_file() and _archive_suffix(path) is not None:
+        return _load_archive(path, spec, cal, skip_unreadable)
+    return _load_unpacked(path, spec, cal, skip_unreadable)
+
+
+def _load_unpacked(path: Path, spec: ModelSpec, cal: CalibrationSpec, skip_unreadable: bool) -> CalibrationSet:
     if path.is_dir():
         loaded = _read_image_folder(path, spec, cal)
         if loaded.unreadable and not skip_unreadable:
@@ -96,7 +125,8 @@ def load_calibration(spec: ModelSpec, data: Path | None = None, *, skip_unreadab
         raise CalibrationError(
             STAGE,
             f"calibration data {path} has an unsupported type {path.suffix!r}: "
-            "use an .npz keyed by input name, an .npy for a single-input model, or a folder of PNG/JPEG images",
+            "use an .npz keyed by input name, an .npy for a single-input model, a folder of PNG/JPEG images, "
+            "or a .tar, .tar.gz or .zip archive of one of these",
         )
     count = len(next(iter(arrays.values())))
     return CalibrationSet(
@@ -123,6 +153,7 @@ def content_sha256(arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> 
 
 
 def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    _check_npz_sizes(path, cal)
     try:
         with np.load(path, allow_pickle=False) as archive:
             stored = {key: archive[key] for key in archive.files}
@@ -161,6 +192,8 @@ def _read_npy(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
             f"arrays {only.name!r} and {cal.labels!r}, or remove calibration.labels from the spec",
         )
     try:
+        with open(path, "rb") as handle:
+            _check_npy_header(handle, path.stat().st_size, f"calibration data {path}")
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise CalibrationError(
@@ -265,6 +298,7 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
         sha256=content_sha256(arrays, labels),
         source=folder,
         unreadable=read.unreadable,
+        from_images=True,
     )
 
 
@@ -313,3 +347,292 @@ def _unreadable_message(folder: Path, unreadable: dict[str, str]) -> str:
         f"{len(unreadable)} image file(s) in {folder} cannot be read: {listed}{more}. "
         "Replace or delete them, then run again"
     )
+
+
+# --------------------------------------------------------------------------- archives
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what one archive may unpack to (the spec's ``calibration.max_archive_*``)."""
+
+    max_members: int
+    max_bytes: int
+    max_ratio: float
+
+    @classmethod
+    def from_spec(cls, cal: CalibrationSpec) -> ArchiveLimits:
+        return cls(cal.max_archive_members, cal.max_archive_bytes, cal.max_archive_ratio)
+
+    def byte_budget(self, archive: Path) -> int:
+        """Most bytes ``archive`` may unpack to: the size cap, or the ratio cap times its packed size."""
+        return min(self.max_bytes, int(self.max_ratio * max(archive.stat().st_size, 1)))
+
+
+def _archive_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((suffix for suffix in (*TAR_SUFFIXES, ZIP_SUFFIX) if name.endswith(suffix)), None)
+
+
+def extract_archive(archive: Path, destination: Path, limits: ArchiveLimits) -> list[str]:
+    """Unpack a .tar, .tar.gz/.tgz or .zip ``archive`` into the folder ``destination``; return the member names.
+
+    Every member is checked before anything is written (see the module docstring); bytes are
+    counted again while writing. Nothing is ever written outside ``destination``.
+    """
+    suffix = _archive_suffix(archive)
+    if suffix is None:
+        raise CalibrationError(
+            STAGE, f"calibration archive {archive} is not a .tar, .tar.gz, .tgz or .zip file: pack the set as one of these"
+        )
+    if suffix == ZIP_SUFFIX:
+        return _extract_zip(archive, destination, limits)
+    return _extract_tar(archive, destination, TAR_SUFFIXES[suffix], limits)
+
+
+def _refuse(archive: Path, member: str, reason: str) -> CalibrationError:
+    return CalibrationError(
+        STAGE,
+        f"calibration archive {archive} was refused: member {member!r} {reason}. Pack only plain files and "
+        "folders, from inside the calibration folder (e.g. tar -czf calib.tar.gz -C DIR .)",
+    )
+
+
+def _over_limits(archive: Path, limits: ArchiveLimits, unpacked: int) -> CalibrationError:
+    packed = max(archive.stat().st_size, 1)
+    if unpacked > limits.max_bytes:
+        reason = f"unpacks to more than {limits.max_bytes} bytes (calibration.max_archive_bytes)"
+    else:
+        reason = (
+            f"unpacks to more than {limits.max_ratio:g} times its packed size of {packed} bytes "
+            "(calibration.max_archive_ratio), as zip bombs do"
+        )
+    return CalibrationError(
+        STAGE, f"calibration archive {archive} was refused: it {reason}; raise the cap in the spec if the set is genuine"
+    )
+
+
+def _too_many_members(archive: Path, limits: ArchiveLimits) -> CalibrationError:
+    return CalibrationError(
+        STAGE,
+        f"calibration archive {archive} was refused: it holds more than {limits.max_members} members "
+        "(calibration.max_archive_members); pack fewer files, or raise the cap in the spec if the set is genuine",
+    )
+
+
+def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
+    """The member's path inside the archive, refused when it is absolute or climbs out with '..'."""
+    if "\0" in name:
+        raise _refuse(archive, name, "has a NUL character in its name")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        raise _refuse(archive, name, "has an absolute path")
+    # Backslashes separate folders on Windows only: '..' is refused in either reading.
+    if ".." in PurePosixPath(name).parts or ".." in PureWindowsPath(name).parts:
+        raise _refuse(archive, name, "climbs out of the archive's folder with '..'")
+    return PurePosixPath(name).parts
+
+
+def _extract_tar(archive: Path, destination: Path, mode: str, limits: ArchiveLimits) -> list[str]:
+    try:
+        with tarfile.open(archive, mode) as tar:
+            members = _scan_tar(archive, tar, limits)
+            written = 0
+            for member in members:
+                try:
+                    # set_attrs=False: modes from the archive could make a folder unwritable mid-extraction.
+                    tar.extract(member, destination, set_attrs=False, filter="data")
+                except tarfile.FilterError as err:
+                    raise _refuse(archive, member.name, f"was refused by tarfile's data filter ({err})") from None
+                if member.isreg():
+                    written += os.lstat(destination.joinpath(*PurePosixPath(member.name).parts)).st_size
+                    if written > limits.byte_budget(archive):
+                        raise _over_limits(archive, limits, written)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise CalibrationError(
+            STAGE, f"calibration archive {archive} is not a readable tar archive ({type(err).__name__}: {err}): pack it again"
+        ) from None
+    return [member.name for member in members]
+
+
+def _scan_tar(archive: Path, tar: tarfile.TarFile, limits: ArchiveLimits) -> list[tarfile.TarInfo]:
+    """Every member's header, checked; stops at the first one over a cap, so a bomb is never inflated in full."""
+    members: list[tarfile.TarInfo] = []
+    files: set[PurePosixPath] = set()
+    budget = limits.byte_budget(archive)
+    declared = 0
+    while (member := tar.next()) is not None:
+        if len(members) == limits.max_members:
+            raise _too_many_members(archive, limits)
+        parts = _member_parts(archive, member.name)
+        if member.issym():
+            # Python's data filter has been bypassed by chains of symbolic links (CVE-2025-4517),
+            # and a calibration set has no use for them: refused outright.
+            raise _refuse(archive, member.name, f"is a symbolic link (to {member.linkname!r})")
+        if member.islnk():
+            if PurePosixPath(member.linkname) not in files:
+                raise _refuse(archive, member.name, f"is a hard link to {member.linkname!r}, which is not an earlier file of the archive")
+        elif member.isreg():
+            declared += member.size
+            if declared > budget:
+                raise _over_limits(archive, limits, declared)
+            files.add(PurePosixPath(*parts))
+        elif not member.isdir():
+            kind = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+            raise _refuse(archive, member.name, f"is {kind.get(member.type, 'a special file')}")
+        members.append(member)
+    return members
+
+
+def _extract_zip(archive: Path, destination: Path, limits: ArchiveLimits) -> list[str]:
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            infos = bundle.infolist()
+            if len(infos) > limits.max_members:
+                raise _too_many_members(archive, limits)
+            budget = limits.byte_budget(archive)
+            declared = 0
+            for info in infos:
+                _member_parts(archive, info.filename)
+                kind = stat.S_IFMT(info.external_attr >> 16)
+                if kind == stat.S_IFLNK:
+                    raise _refuse(archive, info.filename, "is a symbolic link")
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise _refuse(archive, info.filename, "is a device file or FIFO")
+                if info.flag_bits & 0x1:
+                    raise _refuse(archive, info.filename, "is encrypted")
+                declared += info.file_size
+                if declared > budget:
+                    raise _over_limits(archive, limits, declared)
+            written = 0
+            for info in infos:
+                written = _write_zip_member(archive, bundle, info, destination, written, budget, limits)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
+        raise CalibrationError(
+            STAGE, f"calibration archive {archive} is not a readable zip archive ({type(err).__name__}: {err}): pack it again"
+        ) from None
+    return [info.filename for info in infos]
+
+
+def _write_zip_member(
+    archive: Path,
+    bundle: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    destination: Path,
+    written: int,
+    budget: int,
+    limits: ArchiveLimits,
+) -> int:
+    """Write one member beside the ``written`` bytes of earlier ones; return the new total.
+
+    Our own containment: no symbolic link is ever created, so none can be followed, and each
+    file is created fresh (never opened through an existing path).
+    """
+    parts = PurePosixPath(info.filename).parts
+    is_folder = info.is_dir() or stat.S_IFMT(info.external_attr >> 16) == stat.S_IFDIR
+    folder = destination
+    for part in parts if is_folder else parts[:-1]:
+        folder = folder / part
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                raise _refuse(archive, info.filename, f"needs folder {part!r}, which the archive also holds as a file") from None
+    if is_folder or not parts:
+        return written
+    try:
+        handle = os.open(folder / parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise _refuse(archive, info.filename, "appears more than once") from None
+    member_bytes = 0
+    with bundle.open(info) as source, os.fdopen(handle, "wb") as target:
+        while chunk := source.read(COPY_CHUNK):
+            member_bytes += len(chunk)
+            if member_bytes > info.file_size:
+                raise _refuse(archive, info.filename, f"unpacks to more than the {info.file_size} bytes it declares")
+            if written + member_bytes > budget:
+                raise _over_limits(archive, limits, written + member_bytes)
+            target.write(chunk)
+    return written + member_bytes
+
+
+def _archive_content(archive: Path, folder: Path) -> Path:
+    """What the unpacked archive holds: its one .npz/.npy, else the folder of images."""
+    arrays = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES)
+    if len(arrays) > 1:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in arrays[:5])
+        raise CalibrationError(
+            STAGE,
+            f"calibration archive {archive} holds several array files ({names}): pack exactly one .npz or .npy, "
+            "or only images",
+        )
+    if arrays:
+        return arrays[0]
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
+        raise CalibrationError(
+            STAGE, f"calibration archive {archive} holds no .npz, .npy, .png, .jpg or .jpeg file: pack the calibration set itself"
+        )
+    # A folder packed by name (calib/0/a.png) rather than from inside (0/a.png): its content is the set.
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in ARCHIVER_LITTER]
+    if len(entries) == 1 and entries[0].is_dir():
+        only = entries[0]
+        if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in only.iterdir()):
+            return only
+    return folder
+
+
+def _load_archive(archive: Path, spec: ModelSpec, cal: CalibrationSpec, skip_unreadable: bool) -> CalibrationSet:
+    with tempfile.TemporaryDirectory(prefix="trtforge-calibration-") as unpacked:
+        folder = Path(unpacked)
+        extract_archive(archive, folder, ArchiveLimits.from_spec(cal))
+        content = _archive_content(archive, folder)
+        try:
+            loaded = _load_unpacked(content, spec, cal, skip_unreadable)
+        except CalibrationError as err:
+            # Name the file inside the archive, not the temporary folder that is about to vanish.
+            raise CalibrationError(str(err).replace(f"{folder}/", f"{archive}:").replace(str(folder), str(archive))) from None
+    return replace(loaded, source=archive)
+
+
+def _check_npz_sizes(path: Path, cal: CalibrationSpec) -> None:
+    """An .npz is a zip: refuse a bomb, or a header declaring more than the file holds, before numpy allocates."""
+    limits = ArchiveLimits.from_spec(cal)
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            infos = bundle.infolist()
+            if len(infos) > limits.max_members:
+                raise _too_many_members(path, limits)
+            declared = sum(info.file_size for info in infos)
+            if declared > limits.byte_budget(path):
+                raise _over_limits(path, limits, declared)
+            for info in infos:
+                with bundle.open(info) as member:
+                    _check_npy_header(member, info.file_size, f"array {info.filename!r} in calibration data {path}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
+        raise CalibrationError(
+            STAGE, f"calibration data {path} is not a readable .npz ({type(err).__name__}: {err}): write it with numpy.savez"
+        ) from None
+
+
+def _check_npy_header(stream, available: int, what: str) -> None:
+    """Refuse an .npy whose header declares more data than the file holds: numpy would allocate it all first."""
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} is for structured arrays")
+    except ValueError as err:
+        raise CalibrationError(
+            STAGE, f"{what} is not a plain numeric .npy array ({err}): write it with numpy.save or numpy.savez"
+        ) from None
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > available:
+        raise CalibrationError(
+            STAGE,
+            f"{what} declares shape {tuple(shape)} of {dtype} ({needed} bytes) but holds only {available} bytes: "
+            "the file is truncated or forged; write it again with numpy.save",
+        )

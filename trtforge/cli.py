@@ -39,14 +39,16 @@ def main() -> None:
 
 
 def _print_run_table(summary) -> None:
-    from trtforge.report import target_rows
+    from trtforge.report import format_metrics
 
-    rows = target_rows(summary)
-    headers = ["target", "status", "metrics", "reason / notes", "location"]
+    headers = ["target", "status", "metrics"]
+    rows = [[t.tag, t.status.value + ("" if t.required else " (optional)"), format_metrics(t.metrics)] for t in summary.targets]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    typer.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for row in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for target, row in zip(summary.targets, rows):
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        for line in ([target.reason] if target.reason else []) + ([target.location] if target.location else []):
+            typer.echo(f"    {line}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ class Route:
     kind: RouteKind
     reason: str = ""
     deployment: str | None = None
+    details: tuple[str, ...] = ()
 
 
 def deployment_name(pool: str) -> str:
@@ -51,6 +52,6 @@ def route_target(target: Target, local: Availability, deployment_problem: Callab
     what = f"no GPU worker for {target.arch}" if target.arch else f"no worker for pool {pool}"
     return Route(
         RouteKind.UNAVAILABLE,
-        f"{what}: start a worker on pool {pool} (deployment {name}: {problem}), or remove the target; "
-        f"not buildable here: {local.reason}",
+        f"{what}: start a worker on pool {pool}, or remove the target",
+        details=(f"deployment {name}: {problem}", f"not buildable here: {local.reason}"),
     )

@@ -149,6 +149,15 @@ class CalibrationSpec(Strict):
     expected_range: tuple[float, float] | None = Field(
         default=None, description="value range the model expects after preprocessing, e.g. [-3, 3]"
     )
+    max_archive_members: Annotated[int, Field(ge=1)] = Field(
+        default=100_000, description="most entries a .tar/.tar.gz/.zip calibration archive may hold"
+    )
+    max_archive_bytes: Annotated[int, Field(ge=1)] = Field(
+        default=2 * 1024**3, description="most bytes a calibration archive may unpack to"
+    )
+    max_archive_ratio: Annotated[float, Field(gt=1)] = Field(
+        default=200.0, description="largest unpacked-to-packed size ratio of a calibration archive (zip bombs exceed it)"
+    )
 
 
 class PrecisionOptions(Strict):

@@ -36,6 +36,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.isolation import run_isolated
 from trtforge.numeric import NUMPY_DTYPES
+from trtforge.onnxsafe import load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 
 STAGE = "convert-precision"
@@ -99,14 +100,12 @@ def convert_precision(
     overflow the low precision. ``calibration_sha256`` identifies the data for the cache key;
     without it the arrays themselves are hashed.
     """
-    import onnx
-
     started = time.perf_counter()
     precision = Precision(precision)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise StageError(STAGE, f"ONNX model {onnx_path} does not exist: run the export and simplify stages first")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx_safely(onnx_path, plugins=spec.plugins, load_external_data=False)
 
     if precision is Precision.FP32:
         quantized, kept, qdq = precision_profile(model)
@@ -150,7 +149,7 @@ def convert_precision(
     try:
         work = partial / "work"
         work.mkdir()
-        source = _stage_input(onnx_path, work)
+        source = _stage_input(onnx_path, model, work)
         batch_dir = None
         if calibration is not None:
             batch_dir = work / "calibration"
@@ -478,23 +477,20 @@ def _read_entry(entry: Path) -> ConversionResult | None:
     return result.model_copy(update={"onnx_path": model, "cached": True})
 
 
-def _stage_input(onnx_path: Path, work: Path) -> Path:
-    """Copy the model (and its external data files) into ``work``: ModelOpt writes intermediate files beside its input."""
-    import onnx
+def _stage_input(onnx_path: Path, model, work: Path) -> Path:
+    """Copy the model and its external data files into ``work``: ModelOpt writes intermediate files beside its input.
+
+    ``model`` is ``onnx_path`` as load_onnx_safely read it, so its external data locations are known to be safe.
+    """
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    source_dir = onnx_path.parent.resolve()
     staged = work / "input.onnx"
     shutil.copyfile(onnx_path, staged)
-    model = onnx.load(str(onnx_path), load_external_data=False)
     locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
     for location in locations:
-        data = (source_dir / location).resolve()
-        if not data.is_relative_to(source_dir) or not data.is_file():
-            raise StageError(STAGE, f"{onnx_path} refers to external data {location!r} outside its folder or missing: re-export the model")
         target = work / location
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data, target)
+        shutil.copyfile(onnx_path.parent / location, target)
     return staged
 
 

@@ -14,6 +14,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.modelload import load_model
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner, random_inputs
+from trtforge.onnxsafe import OnnxModelError, load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "export"
@@ -91,7 +92,11 @@ def export_onnx(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResul
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(STAGE, f"torch.onnx.export of {spec.model!r} failed: {type(err).__name__}: {message}") from None
 
-    graph = onnx.load(str(partial), load_external_data=False)
+    try:
+        graph = load_onnx_safely(partial, plugins=spec.plugins, load_external_data=False)
+    except OnnxModelError as err:
+        partial.unlink(missing_ok=True)
+        raise StageError(STAGE, str(err)) from None
     declared = [i.name for i in graph.graph.input]
     expected = [i.name for i in spec.inputs]
     if declared != expected:

@@ -17,6 +17,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner
+from trtforge.onnxsafe import load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "simplify"
@@ -31,12 +32,16 @@ class SimplifyResult(BaseModel):
     seconds: float
 
 
-def _simplify_file(source: str, destination: str) -> tuple[int, int]:
-    """Runs in the child: onnxsim on ``source``, written to ``destination``. Returns node counts."""
+def _simplify_file(source: str, destination: str, plugins: list[str]) -> tuple[int, int]:
+    """Runs in the child: onnxsim on ``source``, written to ``destination``. Returns node counts.
+
+    ``source`` is checked like any untrusted ONNX (external data, tensor sizes, operator
+    domains) before onnxsim or onnxruntime reads it, also when export wrote it.
+    """
     import onnx
     import onnxsim
 
-    model = onnx.load(source)
+    model = load_onnx_safely(Path(source), plugins=plugins)
     before = len(model.graph.node)
     # check_n=0: the parent compares outputs itself at the spec's min/opt/max shapes, which
     # onnxsim cannot know for dynamic inputs.
@@ -51,7 +56,9 @@ def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path, timeout_s: fl
     target = out_dir / "model.sim.onnx"
     partial = out_dir / "model.sim.onnx.partial"
     try:
-        before, after = run_isolated(STAGE, _simplify_file, str(onnx_path), str(partial), timeout_s=timeout_s)
+        before, after = run_isolated(
+            STAGE, _simplify_file, str(onnx_path), str(partial), list(spec.plugins), timeout_s=timeout_s
+        )
         outputs = [o.name for o in spec.outputs]
         diffs = max_abs_diff_by_level(
             spec,

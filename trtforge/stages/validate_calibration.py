@@ -343,7 +343,7 @@ def build_checks(
         ),
         min_value=cal.min_samples,
     )
-    if calibration.source.is_dir():
+    if calibration.from_images:
         add(
             gxe.ExpectColumnValuesToBeInSet,
             "Every image file can be read.",

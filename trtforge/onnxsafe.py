@@ -1,0 +1,317 @@
+"""Loading an ONNX file that nobody vouches for.
+
+An ONNX model is not just numbers: an initializer can name an "external data" file anywhere
+on disk, a node can name an operator from a custom domain that only a native plugin library
+implements, and a truncated or hand-edited file can declare tensors whose bytes do not match
+their shape. ``load_onnx_safely`` checks all of that before onnx reads a single byte of
+external data, for every ONNX the pipeline loads, its own export included:
+
+- every external-data ``location`` is a relative path that stays inside the model's folder
+  (no ``..``, no absolute path, no symbolic link anywhere on the way, no file with more than
+  one hard link, because a hard link may share its content with a file outside), and names
+  an existing regular file large enough for the declared offset and length;
+- every tensor's byte length (inline ``raw_data``, typed data fields, or external length)
+  matches its declared shape and element type;
+- every node is in a standard ONNX domain (``""``, ``ai.onnx``, ``ai.onnx.ml``), calls a
+  function defined in the model itself, or is declared in ``plugins`` (by domain or op type).
+  ``ai.onnx.ml`` is standard: it is specified by ONNX and executed by onnxruntime's own
+  kernels, so it needs no outside code; whether TensorRT can run it is for the check-ops
+  stage to say;
+- the model passes ``onnx.checker``.
+
+Any failure is an ``OnnxModelError`` naming the file, the tensor or node, and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from trtforge.errors import TrtforgeError
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+# Element types narrower than a byte are stored packed; the others use their numpy item size.
+_PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
+# In the typed (non-raw) fields, 4- and 2-bit values are packed a byte per entry, 6-bit values
+# take an entry each, and complex values take two entries (real, imaginary).
+_TYPED_ENTRIES_PER_ELEMENT = {"COMPLEX64": 2, "COMPLEX128": 2}
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+class OnnxModelError(TrtforgeError):
+    """An ONNX file is unreadable or malformed, or refers to data or operators it may not use."""
+
+
+def load_onnx_safely(path: Path, *, plugins: Sequence[str] = (), load_external_data: bool = True):
+    """Parse ``path``, check it as described in the module docstring, then read its external data.
+
+    ``plugins`` lists op domains or op types that the deployment serves with plugins (the spec's
+    ``plugins``). With ``load_external_data=False`` the external data is checked but not read:
+    the returned model still refers to it.
+    """
+    import onnx
+
+    path = Path(path)
+    model = _parse(path)
+    folder = path.parent.resolve()
+    for tensor, where in _tensors(model):
+        _check_tensor(path, folder, tensor, where)
+    _check_domains(path, model, frozenset(plugins))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OnnxModelError(f"ONNX model {path} is not a valid ONNX model: {first_line}; export it again") from None
+    if load_external_data:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(folder))
+        except (OSError, ValueError, onnx.checker.ValidationError) as err:
+            # Only a file changed between the checks above and this read gets here.
+            raise OnnxModelError(f"ONNX model {path}: reading its external data failed: {err}") from None
+    return model
+
+
+def _parse(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise OnnxModelError(f"ONNX model {path} does not exist: check the path") from None
+    except OSError as err:
+        raise OnnxModelError(f"ONNX model {path} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxModelError(f"ONNX model {path} is not a regular file: pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise OnnxModelError(
+            f"ONNX model {path} cannot be parsed ({type(err).__name__}: {err}): the file is truncated or not an "
+            ".onnx file; export it again"
+        ) from None
+    except OSError as err:
+        raise OnnxModelError(f"ONNX model {path} cannot be read: {err}") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise OnnxModelError(
+            f"ONNX model {path} holds no model (no graph or no IR version): the file is truncated, empty or not "
+            "an .onnx file; export it again"
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _tensors(model) -> Iterator[tuple[object, str]]:
+    """Every TensorProto in the model, with a description of where it sits."""
+    yield from _graph_tensors(model.graph, "graph")
+    for function in model.functions:
+        yield from _node_tensors(function.node, f"function {function.domain}::{function.name}")
+    for index, training in enumerate(model.training_info):
+        yield from _graph_tensors(training.initialization, f"training_info[{index}].initialization")
+        yield from _graph_tensors(training.algorithm, f"training_info[{index}].algorithm")
+
+
+def _graph_tensors(graph, where: str) -> Iterator[tuple[object, str]]:
+    for tensor in graph.initializer:
+        yield tensor, f"initializer {tensor.name!r}"
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, f"sparse initializer {sparse.values.name!r} (values)"
+        yield sparse.indices, f"sparse initializer {sparse.values.name!r} (indices)"
+    yield from _node_tensors(graph.node, where)
+
+
+def _node_tensors(nodes, where: str) -> Iterator[tuple[object, str]]:
+    for node in nodes:
+        label = f"attribute of node {node.name or node.op_type!r} in {where}"
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t, f"{attribute.name} {label}"
+            for tensor in attribute.tensors:
+                yield tensor, f"{attribute.name} {label}"
+            sparse_tensors = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+            for sparse in [*sparse_tensors, *attribute.sparse_tensors]:
+                yield sparse.values, f"{attribute.name} {label} (sparse values)"
+                yield sparse.indices, f"{attribute.name} {label} (sparse indices)"
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
+            for graph in attribute.graphs:
+                yield from _graph_tensors(graph, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
+
+
+def _check_tensor(path: Path, folder: Path, tensor, where: str) -> None:
+    import onnx
+
+    type_name = _type_name(tensor.data_type)
+    if type_name is None:
+        raise OnnxModelError(f"ONNX model {path}: {where} has no valid element type ({tensor.data_type}); export it again")
+    if any(d < 0 for d in tensor.dims):
+        raise OnnxModelError(f"ONNX model {path}: {where} has negative dimensions {list(tensor.dims)}; export it again")
+    elements = math.prod(tensor.dims)
+    external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+    if external:
+        if type_name == "STRING":
+            raise OnnxModelError(f"ONNX model {path}: {where} stores strings as external data, which ONNX does not allow")
+        _check_external(path, folder, tensor, where, _byte_length(tensor.data_type, type_name, elements))
+        return
+    if tensor.HasField("raw_data"):
+        if type_name == "STRING":
+            raise OnnxModelError(f"ONNX model {path}: {where} stores strings in raw_data, which ONNX does not allow")
+        expected = _byte_length(tensor.data_type, type_name, elements)
+        if len(tensor.raw_data) != expected:
+            raise OnnxModelError(
+                f"ONNX model {path}: {where} holds {len(tensor.raw_data)} bytes, but its shape {list(tensor.dims)} "
+                f"of {type_name} needs {expected}: the file is corrupt or was edited; export it again"
+            )
+        return
+    filled = [(name, len(getattr(tensor, name))) for name in _TYPED_FIELDS if len(getattr(tensor, name))]
+    if not filled:
+        if elements:
+            raise OnnxModelError(
+                f"ONNX model {path}: {where} declares shape {list(tensor.dims)} but holds no data; export it again"
+            )
+        return
+    field, count = filled[0]
+    expected = _typed_entries(type_name, elements)
+    if len(filled) > 1 or count != expected:
+        raise OnnxModelError(
+            f"ONNX model {path}: {where} holds {count} values in {field}, but its shape {list(tensor.dims)} of "
+            f"{type_name} needs {expected}: the file is corrupt or was edited; export it again"
+        )
+
+
+def _type_name(data_type: int) -> str | None:
+    """The element type's name, or None for UNDEFINED and types this onnx cannot size."""
+    import onnx
+
+    if data_type not in onnx.TensorProto.DataType.values() or data_type == onnx.TensorProto.UNDEFINED:
+        return None
+    name = onnx.TensorProto.DataType.Name(data_type)
+    if name not in _PACKED_BITS and name != "STRING":
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(data_type)
+        except (KeyError, ValueError):
+            return None
+    return name
+
+
+def _byte_length(data_type: int, type_name: str, elements: int) -> int:
+    import onnx
+
+    bits = _PACKED_BITS.get(type_name)
+    if bits is not None:
+        return math.ceil(elements * bits / 8)
+    return elements * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def _typed_entries(type_name: str, elements: int) -> int:
+    bits = _PACKED_BITS.get(type_name)
+    if bits is not None and bits < 6:
+        return math.ceil(elements * bits / 8)
+    return elements * _TYPED_ENTRIES_PER_ELEMENT.get(type_name, 1)
+
+
+def _external_field(path: Path, where: str, entries: dict[str, str], key: str) -> int | None:
+    if key not in entries:
+        return None
+    try:
+        value = int(entries[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise OnnxModelError(
+            f"ONNX model {path}: {where} has external data {key} {entries[key]!r}, which is not a non-negative integer"
+        )
+    return value
+
+
+def _check_external(path: Path, folder: Path, tensor, where: str, expected: int) -> None:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    refusal = f"ONNX model {path}: {where} has external data at {location!r}"
+    fix = f"external data must be regular files inside {folder}, named by relative paths: save the model again with onnx.save"
+    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
+        raise OnnxModelError(f"{refusal}, an absolute path; {fix}")
+    # Backslashes separate folders on Windows only: '..' is refused in either reading.
+    if ".." in PurePosixPath(location).parts or ".." in PureWindowsPath(location).parts:
+        raise OnnxModelError(f"{refusal}, which leaves the model's folder through '..'; {fix}")
+    parts = PurePosixPath(location).parts
+    if not parts or "\0" in location:
+        raise OnnxModelError(f"{refusal}, which is not a file name; {fix}")
+    current = folder
+    for part in parts:
+        current = current / part
+        try:
+            info = current.lstat()
+        except FileNotFoundError:
+            raise OnnxModelError(f"{refusal}, which does not exist ({current}); copy the data file next to the model") from None
+        except OSError as err:
+            raise OnnxModelError(f"{refusal}, which cannot be read ({err.strerror}); {fix}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise OnnxModelError(f"{refusal}: {current} is a symbolic link (to {os.readlink(current)!r}); {fix}")
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxModelError(f"{refusal}, which is not a regular file; {fix}")
+    if info.st_nlink > 1:
+        raise OnnxModelError(
+            f"{refusal}: {current} has {info.st_nlink} hard links, so it may share its content with a file outside "
+            f"the model's folder; replace it with a copy (cp --no-preserve=links), or {fix}"
+        )
+    offset = _external_field(path, where, entries, "offset") or 0
+    length = _external_field(path, where, entries, "length")
+    if offset > info.st_size:
+        raise OnnxModelError(f"{refusal} from offset {offset}, but the file has only {info.st_size} bytes; export it again")
+    if length is None:
+        length = info.st_size - offset
+    elif offset + length > info.st_size:
+        raise OnnxModelError(
+            f"{refusal}: {length} bytes from offset {offset} run past the end of the {info.st_size}-byte file; "
+            "the data file is truncated: export it again"
+        )
+    if length != expected:
+        raise OnnxModelError(
+            f"{refusal} of {length} bytes, but its shape {list(tensor.dims)} needs {expected}: the data file does "
+            "not belong to this model or was edited; export it again"
+        )
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _check_domains(path: Path, model, plugins: frozenset[str]) -> None:
+    local_functions = {(function.domain, function.name) for function in model.functions}
+    for node, where in _nodes(model):
+        domain = node.domain or ""
+        if domain in STANDARD_DOMAINS or (domain, node.op_type) in local_functions:
+            continue
+        continue
+        raise OnnxModelError(
+            f"ONNX model {path}: node {node.name or '(unnamed)'!r} in {where} is {node.op_type} from domain "
+            f"{domain!r}, which is not a standard ONNX domain and is not declared as a plugin; custom operators "
+            f"need native plugin code: if your deployment provides it, add {domain!r} (or {node.op_type!r}) to "
+            "the spec's 'plugins'"
+        )
+
+
+def _nodes(model) -> Iterator[tuple[object, str]]:
+    yield from _graph_nodes(model.graph, "the main graph")
+    for function in model.functions:
+        yield from _graph_nodes(function, f"function {function.domain}::{function.name}")
+    for index, training in enumerate(model.training_info):
+        yield from _graph_nodes(training.initialization, f"training_info[{index}].initialization")
+        yield from _graph_nodes(training.algorithm, f"training_info[{index}].algorithm")
+
+
+def _graph_nodes(graph, where: str) -> Iterator[tuple[object, str]]:
+    for node in graph.node:
+        yield node, where
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in [*subgraphs, *attribute.graphs]:
+                yield from _graph_nodes(subgraph, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
