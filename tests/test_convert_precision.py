@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 from pathlib import Path
 
 import numpy as np
@@ -320,81 +318,92 @@ def test_model_modelopt_cannot_convert_fails_with_its_reason_and_node(tmp_path):
     assert list(cache.iterdir()) == [], "a failed conversion leaves nothing in the cache"
 
 
-# --- torchvision models with random weights ------------------------------------------------------
+# --- torchvision models with random weights (exported once per session by tests/model_zoo.py) --------
+
+def _zoo_spec(name: str) -> ModelSpec:
+    return _spec(name, ["batch", 3, 224, 224], {"batch": {"min": 1, "opt": 4, "max": 16}})
 
 
-def _export_torchvision(name: str, path: Path, dynamic_batch: bool) -> Path:
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
-    if name.startswith("vit"):
-        # torchvision zero-initialises the classifier head, which would make every output 0.
-        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=16)},) if dynamic_batch else None
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(
-            model,
-            (torch.randn(1, 3, 224, 224),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=18,
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            external_data=False,
-        )
-    return path
-
-
-@pytest.fixture(scope="module")
-def resnet18_model(tmp_path_factory) -> tuple[Path, ModelSpec]:
-    path = _export_torchvision("resnet18", tmp_path_factory.mktemp("resnet18") / "resnet18.onnx", dynamic_batch=True)
-    return path, _spec("resnet18", ["batch", 3, 224, 224], {"batch": {"min": 1, "opt": 4, "max": 16}})
-
-
-@pytest.fixture(scope="module")
-def vit_b16_model(tmp_path_factory) -> tuple[Path, ModelSpec]:
-    path = _export_torchvision("vit_b_16", tmp_path_factory.mktemp("vit_b16") / "vit_b16.onnx", dynamic_batch=False)
-    return path, _spec("vit-b16", [1, 3, 224, 224])
+def _with_random_head(onnx_path: Path, destination: Path) -> Path:
+    """A copy whose classifier weights are random: torchvision zero-initialises ViT's head, so its logits are all 0."""
+    model = onnx.load(onnx_path)
+    head = next(node for node in model.graph.node if "logits" in node.output)
+    initializers = {init.name: init for init in model.graph.initializer}
+    weight = next(initializers[name] for name in head.input if name in initializers and len(initializers[name].dims) == 2)
+    values = np.random.default_rng(0).normal(0.0, 0.02, tuple(weight.dims)).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, destination)
+    return destination
 
 
 def _images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, 224, 224)).astype(np.float32)
 
 
-@pytest.mark.slow
-def test_resnet18_int8_and_fp16(resnet18_model, tmp_path):
-    path, spec = resnet18_model
-    calibration = {"input": _images(12, seed=1)}
+def _convert_and_compare(path: Path, spec: ModelSpec, cache: Path, precision: Precision) -> tuple[ConversionResult, np.ndarray]:
+    """Converts with 8 calibration images (two batches at the opt batch of 4); cosine to fp32 on 4 other images."""
+    result = convert_precision(path, precision, {"input": _images(8, seed=1)}, PrecisionOptions(), spec=spec, cache_dir=cache)
     probe = {"input": _images(4, seed=2)}
-    reference = _run(path, probe)
-    for precision in (Precision.INT8, Precision.FP16):
-        result = convert_precision(path, precision, calibration, PrecisionOptions(), spec=spec, cache_dir=tmp_path)
-        cosine = _cosine(_run(result.onnx_path, probe), reference)
-        assert cosine.min() >= RESNET_COSINE[precision.value], (precision, cosine)
-        if precision is Precision.INT8:
-            assert result.calibration_samples == 12, "three batches at the opt batch of 4"
-            model = onnx.load(result.onnx_path)
-            convolutions = [n for n in model.graph.node if n.op_type == "Conv"]
-            assert len(convolutions) == 20
-            assert all(_is_qdq_fed(model, conv, 0) and _is_qdq_fed(model, conv, 1) for conv in convolutions)
+    return result, _cosine(_run(result.onnx_path, probe), _run(path, probe))
 
 
 @pytest.mark.slow
-def test_vit_b16_int8_and_fp16(vit_b16_model, tmp_path):
-    path, spec = vit_b16_model
-    calibration = {"input": _images(8, seed=1)}
-    probe = {"input": _images(1, seed=2)}
-    reference = _run(path, probe)
-    for precision in (Precision.INT8, Precision.FP16):
-        result = convert_precision(path, precision, calibration, PrecisionOptions(), spec=spec, cache_dir=tmp_path)
-        cosine = _cosine(_run(result.onnx_path, probe), reference)
-        assert cosine.min() >= VIT_COSINE[precision.value], (precision, cosine)
-        if precision is Precision.INT8:
-            model = onnx.load(result.onnx_path)
-            matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
-            quantized = [n for n in matmuls if _is_qdq_fed(model, n, 0) and _is_qdq_fed(model, n, 1)]
-            # 12 encoder blocks, each with q/k/v and output projections, two attention products and two MLP layers.
-            assert len(quantized) >= 12 * 4, (len(quantized), len(matmuls))
+def test_resnet18_int8_has_qdq_around_every_convolution_and_stays_close(resnet18_onnx, tmp_path):
+    int8, cosine = _convert_and_compare(resnet18_onnx, _zoo_spec("resnet18"), tmp_path, Precision.INT8)
+    assert cosine.min() >= RESNET_COSINE["int8"], cosine
+    assert int8.calibration_samples == 8
+    model = onnx.load(int8.onnx_path)
+    convolutions = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convolutions) == 20
+    assert all(_is_qdq_fed(model, conv, 0) and _is_qdq_fed(model, conv, 1) for conv in convolutions)
+
+
+@pytest.mark.slow
+def test_resnet18_fp16_stays_close(resnet18_onnx, tmp_path):
+    fp16, cosine = _convert_and_compare(resnet18_onnx, _zoo_spec("resnet18"), tmp_path, Precision.FP16)
+    assert cosine.min() >= RESNET_COSINE["fp16"], cosine
+    assert fp16.quantized_op_types["Conv"] == 20
+
+
+@pytest.fixture(scope="module")
+def vit_b16_random_head(vit_b16_onnx, tmp_path_factory) -> Path:
+    return _with_random_head(vit_b16_onnx, tmp_path_factory.mktemp("vit-random-head") / "vit_b16.onnx")
+
+
+@pytest.mark.slow
+def test_vit_b16_int8_has_qdq_around_its_matmuls_and_stays_close(vit_b16_random_head, tmp_path):
+    int8, cosine = _convert_and_compare(vit_b16_random_head, _zoo_spec("vit-b16"), tmp_path, Precision.INT8)
+    assert cosine.min() >= VIT_COSINE["int8"], cosine
+    model = onnx.load(int8.onnx_path)
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    quantized = [n for n in matmuls if _is_qdq_fed(model, n, 0) and _is_qdq_fed(model, n, 1)]
+    # 12 encoder blocks, each with a qkv and an output projection, two attention products and two MLP layers.
+    assert len(quantized) >= 12 * 4, (len(quantized), len(matmuls))
+
+
+@pytest.mark.slow
+def test_vit_b16_fp16_stays_close(vit_b16_random_head, tmp_path):
+    fp16, cosine = _convert_and_compare(vit_b16_random_head, _zoo_spec("vit-b16"), tmp_path, Precision.FP16)
+    assert cosine.min() >= VIT_COSINE["fp16"], cosine
+    assert fp16.qdq_node_count == 0 and fp16.quantized_op_types.get("MatMul", 0) >= 12 * 4
+
+
+def test_model_with_external_data_converts_and_its_weights_are_part_of_the_cache_key(
+    digits_onnx, digits_spec, digits_calibration, tmp_path, monkeypatch
+):
+    folder = tmp_path / "external"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(digits_onnx), path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    cache = tmp_path / "cache"
+    result = convert_precision(path, Precision.INT8, digits_calibration, PrecisionOptions(), spec=digits_spec, cache_dir=cache)
+    assert sorted(p.name for p in result.onnx_path.parent.iterdir()) == ["model.onnx", "result.json"]
+    assert result.quantized_op_types["Conv"] == 2
+    assert _run(result.onnx_path, {"input": digits_calibration["input"][:4]}).shape == (4, 10)
+
+    weights = bytearray((folder / "weights.bin").read_bytes())
+    weights[:4] = np.float32(0.5).tobytes()
+    (folder / "weights.bin").write_bytes(bytes(weights))
+    _forbid_conversion(monkeypatch)
+    with pytest.raises(AssertionError, match="ModelOpt was started"):
+        convert_precision(path, Precision.INT8, digits_calibration, PrecisionOptions(), spec=digits_spec, cache_dir=cache)

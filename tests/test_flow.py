@@ -32,7 +32,8 @@ def write_spec(folder: Path, checkpoint: Path, **changes) -> Path:
         checkpoint=str(checkpoint),
     )
     data["eval"]["data"] = str(DIGITS_DIR / "eval.npz")
-    data.pop("calibration")
+    data["calibration"]["data"] = str((DIGITS_DIR / data["calibration"]["data"]).resolve())
+    data["targets"] = [t for t in data["targets"] if t["precision"] == "fp32"]
     data.update(changes)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "spec.yaml"
@@ -49,19 +50,32 @@ def run_flow(spec: Path, tmp_path: Path, **kwargs):
 
 
 def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
-    spec = write_spec(tmp_path / "spec", tmp_path / "ckpt" / "digits.safetensors")
+    """The bundled example as it ships: fp32, fp16 and int8 on onnxruntime, an optional TensorRT target."""
+    example_targets = yaml.safe_load(DIGITS_SPEC.read_text())["targets"]
+    spec = write_spec(tmp_path / "spec", tmp_path / "ckpt" / "digits.safetensors", targets=example_targets)
     summary = run_flow(spec, tmp_path)
     assert summary.published and summary.version == 1 and not summary.up_to_date
-    assert [s.stage for s in summary.stages][:4] == ["retrain", "export", "simplify", "reference"]
+    assert [s.stage for s in summary.stages][:6] == ["retrain", "export", "simplify", "check-ops", "validate-calibration", "reference"]
     assert summary.stages[0].detail == "trained"
-    (target,) = summary.targets
-    assert target.status.value == "passed" and target.metrics["accuracy"] > 0.95
+    assert summary.compatibility[0]["unsupported"] == 0
+    assert summary.calibration["passed"] and summary.calibration["samples"] == 600
+    by_precision = {t.precision: t for t in summary.targets if t.backend == "onnxruntime"}
+    assert {p: t.status.value for p, t in by_precision.items()} == {"fp32": "passed", "fp16": "passed", "int8": "passed"}
+    fp32, int8 = by_precision["fp32"], by_precision["int8"]
+    assert fp32.metrics["accuracy"] > 0.95
+    assert fp32.metrics["accuracy"] - int8.metrics["accuracy"] <= 0.01
+    (trt,) = [t for t in summary.targets if t.backend == "tensorrt"]
+    assert trt.status.value == "unavailable" and not trt.required
+    target = fp32
 
     registry = open_registry(f"file://{tmp_path / 'registry'}")
     assert registry.versions("digits-cnn") == [1]
     assert registry.aliases("digits-cnn")["latest"] == 1
     manifest = registry.manifest("digits-cnn", 1)
-    assert set(manifest.targets) == {target.tag}
+    assert set(manifest.targets) == {t.tag for t in by_precision.values()}
+    assert manifest.lineage.calibration_sha256 == summary.calibration["sha256"]
+    assert manifest.extra["left_out"][0]["status"] == "unavailable"
+    assert (summary.run_dir / "accuracy_latency.png").stat().st_size > 1000
     entry = manifest.targets[target.tag]
     assert {"engine", "build.json", "gate.json"} <= set(entry.files)
     checkpoint = tmp_path / "ckpt" / "digits.safetensors"
@@ -89,8 +103,7 @@ def test_required_target_failing_publishes_nothing(tmp_path, digits_checkpoint):
 
 
 def test_unavailable_optional_target_is_reported_and_the_rest_published(tmp_path, digits_checkpoint):
-    data = yaml.safe_load(DIGITS_SPEC.read_text())
-    targets = data["targets"] + [{"backend": "onnxruntime", "precision": "bf16", "required": False}]
+    targets = [{"backend": "onnxruntime", "precision": "fp32"}, {"backend": "onnxruntime", "precision": "bf16", "required": False}]
     spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
     summary = run_flow(spec, tmp_path)
     assert summary.published
@@ -162,7 +175,6 @@ def served_build_target(tmp_path):
 
 
 def test_target_with_a_work_pool_is_built_by_the_served_build_target_deployment(tmp_path, digits_checkpoint, served_build_target):
-    data = yaml.safe_load(DIGITS_SPEC.read_text())
     targets = [{"backend": "onnxruntime", "precision": "fp32", "required": True, "work_pool": "test-builders"}]
     spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
     summary = run_flow(spec, tmp_path)
@@ -175,8 +187,7 @@ def test_target_with_a_work_pool_is_built_by_the_served_build_target_deployment(
 
 
 def test_required_target_without_worker_fails_the_run(tmp_path, digits_checkpoint):
-    data = yaml.safe_load(DIGITS_SPEC.read_text())
-    targets = data["targets"][:1] + [{"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": True}]
+    targets = [{"backend": "onnxruntime", "precision": "fp32"}, {"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": True}]
     spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
     with pytest.raises(RunFailed, match=r"trt.*-sm90-fp16-b1_32_128 unavailable: no GPU worker for sm_90: start a worker on pool gpu-sm90, or remove the target"):
         run_flow(spec, tmp_path)

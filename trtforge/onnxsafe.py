@@ -290,7 +290,8 @@ def _check_domains(path: Path, model, plugins: frozenset[str]) -> None:
         domain = node.domain or ""
         if domain in STANDARD_DOMAINS or (domain, node.op_type) in local_functions:
             continue
-        continue
+        if domain in plugins or node.op_type in plugins:
+            continue
         raise OnnxModelError(
             f"ONNX model {path}: node {node.name or '(unnamed)'!r} in {where} is {node.op_type} from domain "
             f"{domain!r}, which is not a standard ONNX domain and is not declared as a plugin; custom operators "

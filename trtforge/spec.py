@@ -16,12 +16,16 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
 
 from trtforge.errors import SpecError
 
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 GPU_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_110", "sm_120", "sm_121")
 DEFAULT_REGISTRY = "file://artifacts/registry"
+# No real spec comes near these; YAML aliases can expand a small file past them (or into itself).
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_DEPTH = 64
 
 
 class Strict(BaseModel):
@@ -306,14 +310,42 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
     """Validate already-parsed YAML data; relative paths resolve against ``base_dir``."""
     if not isinstance(data, dict):
         raise SpecError(f"invalid spec {source}: expected a mapping at the top level, got {type(data).__name__}")
+    _check_size(data, source)
     try:
         spec = ModelSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
-    spec = spec.model_copy(update={"digest": hashlib.sha256(spec.model_dump_json().encode()).hexdigest()})
+    try:
+        written = spec.model_dump_json()
+    except PydanticSerializationError as err:
+        raise SpecError(
+            f"invalid spec {source}: a value cannot be written as JSON ({err}); model_kwargs may hold only text, "
+            "numbers, booleans, null, lists and mappings (no binary data)"
+        ) from None
+    spec = spec.model_copy(update={"digest": hashlib.sha256(written.encode()).hexdigest()})
     if base_dir is None:
         return spec
     return _resolve_paths(spec, base_dir.resolve())
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse data too large or too deep to be a spec before validation and hashing walk it (iteratively here)."""
+    pending = [(data, 1)]
+    seen = 0
+    while pending:
+        value, depth = pending.pop()
+        seen += 1
+        if seen > MAX_SPEC_VALUES:
+            raise SpecError(
+                f"invalid spec {source}: it holds more than {MAX_SPEC_VALUES} values once YAML aliases are expanded, "
+                "or a value contains itself: write the values out without aliases"
+            )
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"invalid spec {source}: values are nested more than {MAX_SPEC_DEPTH} levels deep")
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend((item, depth + 1) for item in value)
 
 
 def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
@@ -339,4 +371,6 @@ def load_spec(path: str | Path) -> ModelSpec:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SpecError(f"spec file {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise SpecError(f"spec file {path} is nested too deeply to be a spec: flatten its lists and mappings") from None
     return parse_spec(data, source=str(path), base_dir=path.parent)

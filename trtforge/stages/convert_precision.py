@@ -136,7 +136,7 @@ def convert_precision(
     if calibration is not None:
         plan = plan_batches(calibration, model_inputs, onnx_path)
 
-    key = _cache_key(onnx_path, precision, calibration, calibration_sha256, options, model_inputs, plan)
+    key = _cache_key(onnx_path, model, precision, calibration, calibration_sha256, options, model_inputs, plan)
     entry = cache_dir / key
     hit = _read_entry(entry)
     if hit is not None:
@@ -437,6 +437,7 @@ def _arrays_sha256(calibration: Mapping[str, np.ndarray]) -> str:
 
 def _cache_key(
     onnx_path: Path,
+    model,
     precision: Precision,
     calibration: Mapping[str, np.ndarray] | None,
     calibration_sha256: str | None,
@@ -450,6 +451,8 @@ def _cache_key(
         data_digest = calibration_sha256 or _arrays_sha256(calibration)
     decided_by = {
         "onnx_sha256": sha256_file(onnx_path),
+        # The weights of a large model live beside it: a change there must miss the cache too.
+        "external_data_sha256": {location: sha256_file(onnx_path.parent / location) for location in _external_locations(model)},
         "precision": precision.value,
         "calibration_sha256": data_digest,
         "calibration_batch_size": plan.batch_size if plan else None,
@@ -482,16 +485,19 @@ def _stage_input(onnx_path: Path, model, work: Path) -> Path:
 
     ``model`` is ``onnx_path`` as load_onnx_safely read it, so its external data locations are known to be safe.
     """
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
     staged = work / "input.onnx"
     shutil.copyfile(onnx_path, staged)
-    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
-    for location in locations:
+    for location in _external_locations(model):
         target = work / location
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(onnx_path.parent / location, target)
     return staged
+
+
+def _external_locations(model) -> list[str]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)})
 
 
 def _write_batches(
