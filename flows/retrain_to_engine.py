@@ -169,7 +169,7 @@ def retrain_to_engine(
             result = convert_precision_task(spec, simplified.onnx_path, target.precision, artifacts / "cache" / spec.name / "precision")
             converted[target.precision] = result.onnx_path
             summary.conversions.append(result.model_dump(mode="json", include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"}))
-        previous = previous_release(store, spec.name, tag)
+        previous = previous_release(store, spec.name, tag, spec.compare_alias)
         if route.kind is RouteKind.LOCAL:
             pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous))
         else:

@@ -12,7 +12,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import trtforge.stages.convert_precision as convert_module
 from trtforge.errors import StageError
-from trtforge.numeric import onnxruntime_session
 from trtforge.spec import ModelSpec, Precision, PrecisionOptions, parse_spec
 from trtforge.stages.convert_precision import ConversionResult, convert_precision
 
@@ -62,7 +61,15 @@ def digits_int8(digits_onnx, digits_spec, digits_calibration, precision_cache) -
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return onnxruntime_session(path).run(None, feeds)[0]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # The onnxruntime backend's build level. At ORT_ENABLE_ALL, onnxruntime 1.32's NchwcTransformer
+    # segfaults while creating a session for AutoCast's fp16 ViT-B/16.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
 
 
 def _top1(path: Path, images: np.ndarray, labels: np.ndarray) -> float:

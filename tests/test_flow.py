@@ -192,3 +192,24 @@ def test_required_target_without_worker_fails_the_run(tmp_path, digits_checkpoin
     with pytest.raises(RunFailed, match=r"trt.*-sm90-fp16-b1_32_128 unavailable: no GPU worker for sm_90: start a worker on pool gpu-sm90, or remove the target"):
         run_flow(spec, tmp_path)
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
+
+
+def test_degraded_checkpoint_fails_its_gate_and_publishes_nothing(tmp_path, digits_checkpoint):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        name: value + 0.6 * value.std() * torch.randn(value.shape, generator=generator) if value.ndim > 1 else value
+        for name, value in load_file(str(digits_checkpoint)).items()
+    }
+    degraded = tmp_path / "degraded.safetensors"
+    save_file(state, str(degraded))
+    spec = write_spec(tmp_path / "spec", degraded)
+    with pytest.raises(RunFailed, match=r"top-1 accuracy 0\.\d+ < threshold 0\.9500 \(PyTorch FP32 reference 0\.\d+\)") as caught:
+        run_flow(spec, tmp_path)
+    (target,) = caught.value.summary.targets
+    assert target.metrics["accuracy"] < 0.93, "the perturbation must cost several points"
+    assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
+    report = (caught.value.summary.run_dir / "report.md").read_text()
+    assert "not published" in report and "top-1 accuracy" in report

@@ -73,5 +73,5 @@ def test_tensorrt_target_gets_a_work_pool_per_arch():
     data = digits_data()
     data["targets"].append({"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": False})
     spec = parse_spec(data)
-    assert spec.targets[1].pool == "gpu-sm90"
+    assert spec.targets[-1].pool == "gpu-sm90"
     assert spec.targets[0].pool is None

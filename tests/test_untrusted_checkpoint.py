@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.containment import Outside
 from trtforge.errors import CheckpointError
-from trtforge.modelload import load_model, read_state_dict
+from trtforge.modelload import build_model, load_model, read_state_dict
 
 REFUSED = "was refused: it is not a plain weights file"
 
@@ -46,8 +45,9 @@ def marker(tmp_path) -> Path:
 
 
 @pytest.fixture
-def weights(digits_checkpoint) -> dict[str, torch.Tensor]:
-    return load_file(str(digits_checkpoint))
+def weights(digits_spec) -> dict[str, torch.Tensor]:
+    """Freshly initialised weights of the digits model: what the loader reads is their shape, not their training."""
+    return {name: tensor.clone() for name, tensor in build_model(digits_spec).state_dict().items()}
 
 
 def test_code_nested_deep_in_a_zip_format_state_dict_is_refused(tmp_path, inside, marker, weights):

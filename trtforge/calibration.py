@@ -436,6 +436,7 @@ def _extract_tar(archive: Path, destination: Path, mode: str, limits: ArchiveLim
     try:
         with tarfile.open(archive, mode) as tar:
             members = _scan_tar(archive, tar, limits)
+            budget = limits.byte_budget(archive)
             written = 0
             for member in members:
                 try:
@@ -445,7 +446,7 @@ def _extract_tar(archive: Path, destination: Path, mode: str, limits: ArchiveLim
                     raise _refuse(archive, member.name, f"was refused by tarfile's data filter ({err})") from None
                 if member.isreg():
                     written += os.lstat(destination.joinpath(*PurePosixPath(member.name).parts)).st_size
-                    if written > limits.byte_budget(archive):
+                    if written > budget:
                         raise _over_limits(archive, limits, written)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CalibrationError(

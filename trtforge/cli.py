@@ -100,6 +100,74 @@ def run(
         raise typer.Exit(1)
 
 
+def _for_worker(location: str) -> str:
+    """A local path or file:// URI made absolute, so a worker on a shared filesystem finds it; other URIs as they are."""
+    if location.startswith("file://"):
+        return "file://" + os.path.abspath(location.removeprefix("file://"))
+    if "://" in location:
+        return location
+    return os.path.abspath(location)
+
+
+@app.command("ci")
+def ci_command(
+    spec: Annotated[Path, typer.Option("--spec", help="Model spec YAML; with --deployment, a path the worker can read (its checkout).")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="The checkpoint to build: a local path or s3://BUCKET/KEY.")],
+    summary_file: Annotated[Optional[Path], typer.Option("--summary", help="Write the Markdown summary to this file.")] = None,
+    junit_file: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report: one test case per target gate.")] = None,
+    deployment: Annotated[
+        Optional[str],
+        typer.Option(
+            "--deployment",
+            help="Run on this deployment of the watch flow (e.g. retrain-to-engine-scheduled) on the server in PREFECT_API_URL, and wait.",
+        ),
+    ] = None,
+    registry: RegistryOption = None,
+    artifacts: Annotated[Path, typer.Option(help="Folder for run outputs and caches (runs in this process only).")] = Path("artifacts"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Build a new checkpoint for CI; exit 0 only if every required target passed and the version was published (or already was)."""
+    from trtforge.ci import ci_passed, write_junit, write_markdown
+    from trtforge.errors import RunFailed
+    from trtforge.spec import load_spec
+    from trtforge.stages.publish import registry_uri
+
+    loaded = load_spec(spec)
+    uri = registry_uri(loaded, registry)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if deployment is not None:
+        from flows.watch import run_on_deployment
+
+        summary = run_on_deployment(
+            deployment, str(spec), loaded.name, _for_worker(checkpoint), _for_worker(uri), on_started=lambda line: typer.echo(line, err=True)
+        )
+    else:
+        from flows.watch import watch
+
+        try:
+            summary = watch(spec_path=str(spec), checkpoint=checkpoint, registry=uri, artifacts_dir=str(artifacts))
+        except RunFailed as err:
+            summary = err.summary
+        except RuntimeError as err:
+            if "Prefect API" not in str(err):
+                raise
+            raise TrtforgeError(f"{err}; set PREFECT_API_URL to a running server or retry when the machine is less busy") from None
+    if summary_file is not None:
+        write_markdown(summary, summary_file)
+    if junit_file is not None:
+        write_junit(summary, junit_file)
+    if as_json:
+        print_json(summary.public_json())
+    elif summary.up_to_date:
+        typer.echo(f"up to date: version {summary.version}")
+    else:
+        _print_run_table(summary)
+        typer.echo(summary.message)
+    if not ci_passed(summary):
+        raise typer.Exit(1)
+
+
 @app.command("validate-calibration")
 def validate_calibration_command(
     spec: Annotated[Path, typer.Argument(help="Model spec YAML, e.g. examples/digits/spec.yaml.")],
@@ -154,7 +222,7 @@ def check_command(
         raise typer.Exit(1)
 
 
-# --- registry: ls, show, pull, promote, gc (core install only) -----------------------------------
+# --- registry: ls, show, pull, verify, promote, gc (core install only) -----------------------------------
 
 RegistryUriOption = Annotated[
     Optional[str],
@@ -162,10 +230,29 @@ RegistryUriOption = Annotated[
 ]
 
 
+RequireSignatureOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--require-signature/--no-require-signature",
+        help="Refuse a version whose signature does not verify with the trusted key (default: $TRTFORGE_REQUIRE_SIGNATURE).",
+    ),
+]
+TrustedKeyOption = Annotated[
+    Optional[Path],
+    typer.Option("--trusted-key", help="PEM public key that signatures must verify with (default: $TRTFORGE_TRUSTED_KEY)."),
+]
+
+
 def _registry(uri: str | None):
     from trtforge.registry import open_registry
 
     return open_registry(uri)
+
+
+def _trusted_key(path: Path | None):
+    from trtforge.registry import TrustedKey
+
+    return None if path is None else TrustedKey(path)
 
 
 def _metrics_text(gate: dict[str, Any] | None) -> str:
@@ -188,7 +275,8 @@ def ls_command(
     typer.echo("aliases: " + (", ".join(f"{alias} -> {version}" for alias, version in listing.aliases.items()) or "none"))
     for version in listing.versions:
         marks = f"  [{', '.join(version.aliases)}]" if version.aliases else ""
-        typer.echo(f"version {version.version}  {version.created_at:%Y-%m-%d %H:%M:%S} UTC{marks}")
+        signed = "signed" if version.signed else "unsigned"
+        typer.echo(f"version {version.version}  {version.created_at:%Y-%m-%d %H:%M:%S} UTC  {signed}{marks}")
         for target in version.targets:
             built = " ".join(part for part in (target.backend, target.runtime_version, target.arch or "cpu", target.precision) if part)
             typer.echo(f"  {target.tag}  {built}  gate: {_metrics_text(target.gate)}")
@@ -228,22 +316,62 @@ def pull_command(
     backend: Annotated[Optional[str], typer.Option("--backend", help="tensorrt or onnxruntime.")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", "--target", help="Exact target tag, e.g. trt10.3-sm90-fp16-b1_32_128.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")] = None,
+    require_signature: RequireSignatureOption = None,
+    trusted_key: TrustedKeyOption = None,
     registry: RegistryUriOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Download the engine that fits this host, verify its SHA-256, and write it atomically."""
+    """Download the engine that fits this host, verify its SHA-256 (and signature), and write it atomically."""
     result = _registry(registry).pull(
-        model, output, version=version, alias=alias, tag=tag, arch=arch, precision=precision, backend=backend, cache_dir=cache_dir
+        model,
+        output,
+        version=version,
+        alias=alias,
+        tag=tag,
+        arch=arch,
+        precision=precision,
+        backend=backend,
+        cache_dir=cache_dir,
+        require_signature=require_signature,
+        trust=_trusted_key(trusted_key),
     )
     if as_json:
         print_json(result.model_dump(mode="json"))
         return
     source = "from the local cache" if result.cached else "downloaded and verified"
     typer.echo(f"pulled {result.model} version {result.version} target {result.tag} ({source})")
+    if result.signature_verified_with:
+        typer.echo(f"signature verified with {result.signature_verified_with}")
     for file in result.files:
         typer.echo(f"  {file.path}  sha256 {file.sha256}")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+@app.command("verify")
+def verify_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    trusted_key: TrustedKeyOption = None,
+    require_signature: RequireSignatureOption = None,
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check a published version in place: every file's SHA-256, no added files, and its signature; exit 1 on any problem."""
+    report = _registry(registry).verify(model, version, trust=_trusted_key(trusted_key), require_signature=require_signature)
+    if as_json:
+        print_json(report.model_dump(mode="json"))
+    else:
+        typer.echo(f"{report.model} version {report.version} in {report.registry}: {'verified' if report.verified else 'FAILED'}")
+        for file in report.files:
+            typer.echo(f"  {file.status:8}  {file.name}  sha256 {file.sha256 or '-'}")
+        for name in report.unexpected:
+            typer.echo(f"  added     {name}")
+        typer.echo(f"signature: {report.signature} ({report.signature_detail})")
+        for problem in report.problems:
+            typer.echo(f"problem: {problem}")
+    if not report.verified:
+        raise typer.Exit(1)
 
 
 @app.command("promote")
@@ -270,7 +398,10 @@ def gc_command(
     registry: RegistryUriOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove what crashed publishes left: versions without a manifest, unfinished uploads. Never a published version."""
+    """Remove what crashed publishes and runs left: versions without a manifest, staging folders, unfinished uploads.
+
+    Never a published version.
+    """
     from datetime import timedelta
 
     report = _registry(registry).gc(older_than=timedelta(hours=older_than), dry_run=dry_run)
@@ -280,7 +411,9 @@ def gc_command(
     verb = "would remove" if dry_run else "removed"
     for version in report.versions:
         typer.echo(f"{verb} unfinished {version.model} version {version.version} ({version.objects} objects, {version.bytes} bytes)")
+    for staged in report.staging:
+        typer.echo(f"{verb} staging of {staged.model} run {staged.run} ({staged.objects} objects, {staged.bytes} bytes)")
     for upload in report.uploads:
         typer.echo(f"{verb} unfinished upload of {upload.key} (started {upload.initiated:%Y-%m-%d %H:%M:%S} UTC)")
-    if not report.versions and not report.uploads:
+    if not report.versions and not report.staging and not report.uploads:
         typer.echo(f"nothing to remove in {report.registry} older than {older_than:g} h")

@@ -26,6 +26,8 @@ DEFAULT_REGISTRY = "file://artifacts/registry"
 # No real spec comes near these; YAML aliases can expand a small file past them (or into itself).
 MAX_SPEC_VALUES = 100_000
 MAX_SPEC_DEPTH = 64
+# Where checkpoints are looked for changes nothing that is built: it stays out of the spec's hash.
+NOT_IN_LINEAGE = {"watch"}
 
 
 class Strict(BaseModel):
@@ -232,6 +234,35 @@ class Target(Strict):
         return None
 
 
+class WatchSpec(Strict):
+    """Where new checkpoints arrive, for the scheduled watcher (``flows/watch.py``)."""
+
+    location: Annotated[str, Field(min_length=1)] = Field(
+        description="a folder (relative to the spec's folder) or s3://BUCKET/PREFIX that new checkpoints are written to"
+    )
+    pattern: Annotated[str, Field(min_length=1)] = Field(
+        default="*.safetensors", description="glob of checkpoint names under location; '**/' spans sub-folders"
+    )
+    retrain_first: bool = Field(
+        default=False, description="call the spec's train entry point, writing a new checkpoint into location, before looking"
+    )
+
+    @field_validator("location")
+    @classmethod
+    def _folder_or_s3(cls, value: str) -> str:
+        scheme, separator, _ = value.partition("://")
+        if separator and scheme != "s3":
+            raise ValueError(f"{value!r} must be a folder or s3://BUCKET/PREFIX")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _relative_glob(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError(f"{value!r} must be a relative glob inside location, e.g. '*.safetensors'")
+        return value
+
+
 class ModelSpec(Strict):
     name: str
     model: str = Field(description="factory returning the nn.Module: 'package.module:function' or 'file.py:function'")
@@ -248,8 +279,12 @@ class ModelSpec(Strict):
     gate: GateThresholds = GateThresholds()
     registry: str | None = None
     aliases: list[str] = Field(default_factory=list)
+    compare_alias: str | None = Field(
+        default=None, description="gate regressions against the version behind this alias instead of the newest one"
+    )
     plugins: list[str] = Field(default_factory=list, description="op domains or op types served by TensorRT plugins")
     allow_pickle_checkpoints: bool = True
+    watch: WatchSpec | None = None
 
     # Set by parse_spec: where relative paths were resolved from, and the hash of the spec as written
     # (before resolution, so the same spec hashes the same in any checkout).
@@ -271,6 +306,13 @@ class ModelSpec(Strict):
             raise ValueError(f"aliases {bad} must use only a-z, 0-9, '.', '_' or '-'")
         return value
 
+    @field_validator("compare_alias")
+    @classmethod
+    def _safe_compare_alias(cls, value: str | None) -> str | None:
+        if value is not None and not SAFE_NAME.match(value):
+            raise ValueError("must use only a-z, 0-9, '.', '_' or '-'")
+        return value
+
     @model_validator(mode="after")
     def _unique_names(self) -> ModelSpec:
         names = [i.name for i in self.inputs] + [o.name for o in self.outputs]
@@ -279,12 +321,18 @@ class ModelSpec(Strict):
             raise ValueError(f"input/output names must be unique, repeated: {duplicates}")
         return self
 
+    @model_validator(mode="after")
+    def _watch_can_retrain(self) -> ModelSpec:
+        if self.watch is not None and self.watch.retrain_first and self.train is None:
+            raise ValueError("watch.retrain_first needs a 'train' entry point: add train: 'file.py:function' or set retrain_first: false")
+        return self
+
     def input_shapes(self, level: ShapeLevel) -> dict[str, tuple[int, ...]]:
         return {i.name: i.shape_at(level) for i in self.inputs}
 
     def sha256(self) -> str:
         """Content hash of the validated spec as written, for lineage and cache keys."""
-        return self.digest or hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        return self.digest or hashlib.sha256(self.model_dump_json(exclude=NOT_IN_LINEAGE).encode()).hexdigest()
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -316,7 +364,7 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
     try:
-        written = spec.model_dump_json()
+        written = spec.model_dump_json(exclude=NOT_IN_LINEAGE)
     except PydanticSerializationError as err:
         raise SpecError(
             f"invalid spec {source}: a value cannot be written as JSON ({err}); model_kwargs may hold only text, "
@@ -359,6 +407,8 @@ def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
     }
     if spec.calibration is not None:
         updates["calibration"] = spec.calibration.model_copy(update={"data": resolve(spec.calibration.data)})
+    if spec.watch is not None and "://" not in spec.watch.location:
+        updates["watch"] = spec.watch.model_copy(update={"location": str(resolve(Path(spec.watch.location)))})
     return spec.model_copy(update=updates)
 
 

@@ -11,8 +11,16 @@ from trtforge.registry.registry import (
     ModelListing,
     Registry,
     TargetArtifacts,
+    VerifyReport,
     open_registry,
     registry_uri_from_env,
+)
+from trtforge.registry.signing import (
+    KeySigner,
+    SignatureError,
+    SigstoreSigner,
+    TrustedIdentity,
+    TrustedKey,
 )
 from trtforge.registry.storage import ObjectStore, TransferSettings
 
@@ -21,6 +29,7 @@ __all__ = [
     "AliasRecord",
     "FileEntry",
     "GcReport",
+    "KeySigner",
     "Lineage",
     "Manifest",
     "ModelListing",
@@ -28,9 +37,14 @@ __all__ = [
     "PullResult",
     "PulledFile",
     "Registry",
+    "SignatureError",
+    "SigstoreSigner",
     "TargetArtifacts",
     "TargetEntry",
     "TransferSettings",
+    "TrustedIdentity",
+    "TrustedKey",
+    "VerifyReport",
     "choose_target",
     "open_registry",
     "registry_uri_from_env",

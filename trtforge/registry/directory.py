@@ -24,6 +24,7 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from trtforge.errors import NotFoundError, RegistryError
+from trtforge.registry import crashpoints
 from trtforge.registry.storage import (
     ObjectInfo,
     PendingUpload,
@@ -220,6 +221,7 @@ class DirectoryStore:
                     handle.write(block)
                     digest.update(block)
                     size += len(block)
+                    crashpoints.reached("mid-upload")
                     if self._max_bandwidth:
                         time.sleep(max(0.0, size / self._max_bandwidth - (time.monotonic() - started)))
                 handle.flush()

@@ -301,3 +301,4 @@ class PullResult(BaseModel):
     files: list[PulledFile]
     build: dict[str, Any]
     notes: list[str] = []
+    signature_verified_with: str | None = None

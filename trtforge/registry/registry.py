@@ -4,26 +4,35 @@ Layout under the store's root::
 
     <model>/versions/<N>/lock.json          claims number N (conditional create)
     <model>/versions/<N>/<tag>/<file>       engine, build.json, gate.json, ...
+    <model>/versions/<N>/signature.sig      model-signing signature of the manifest and every file (when signing is on)
     <model>/versions/<N>/manifest.json      written last and conditionally: the version exists from here on
     <model>/aliases/<alias>.json            moved by compare-and-swap on its ETag
+    <model>/staging/<run>/...               files handed between a run and its build workers
     timing-caches/<key>.cache               TensorRT timing caches shared per TensorRT version and GPU
 
 A reader sees a version only once its manifest exists, so a publisher that dies at any point
 leaves either a complete version or nothing visible; ``gc`` removes what it left behind.
+
+``gc`` claims an unfinished version by creating its ``manifest.json`` empty, with the same
+conditional create the publisher uses for the real one: exactly one of them wins, so a
+publisher that outlived gc's age can never complete a version gc is deleting, and the number
+is never handed out again. Readers treat an empty manifest as no version at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -42,12 +51,30 @@ from trtforge.registry.pull import (
     normalize_arch,
     place,
 )
-from trtforge.registry.storage import ObjectStore, PreconditionFailed, RegistryUnreachable, TransferSettings, open_store
+from trtforge.hashing import sha256_file
+from trtforge.registry import crashpoints
+from trtforge.registry.signing import (
+    SignatureError,
+    Signer,
+    Trust,
+    VersionSigner,
+    VersionVerifier,
+    signature_required_by_env,
+    signer_from_env,
+    trust_from_env,
+)
+from trtforge.registry.storage import ObjectInfo, ObjectStore, PreconditionFailed, RegistryUnreachable, TransferSettings, open_store
 from trtforge.spec import DEFAULT_REGISTRY
 
 REGISTRY_ENV = "TRTFORGE_REGISTRY"
 MANIFEST = "manifest.json"
 LOCK = "lock.json"
+SIGNATURE = "signature.sig"
+# Objects of a version folder that are not part of what is signed.
+UNSIGNED = (LOCK, SIGNATURE)
+STAGING = "staging"
+# publish(signer=...) default: sign as $TRTFORGE_SIGNING_KEY / $TRTFORGE_SIGNING_SIGSTORE say.
+FROM_ENVIRONMENT = "environment"
 TIMING_CACHES = "timing-caches"
 DEFAULT_GC_AGE = timedelta(hours=24)
 _ALIAS_ATTEMPTS = 64
@@ -78,6 +105,7 @@ class VersionSummary(BaseModel):
     version: int
     created_at: datetime
     aliases: list[str]
+    signed: bool
     targets: list[TargetSummary]
 
 
@@ -97,6 +125,13 @@ class CollectedVersion(BaseModel):
     bytes: int
 
 
+class CollectedStaging(BaseModel):
+    model: str
+    run: str
+    objects: int
+    bytes: int
+
+
 class AbortedUpload(BaseModel):
     key: str
     initiated: datetime
@@ -109,7 +144,30 @@ class GcReport(BaseModel):
     dry_run: bool
     older_than_hours: float
     versions: list[CollectedVersion]
+    staging: list[CollectedStaging]
     uploads: list[AbortedUpload]
+
+
+class FileCheck(BaseModel):
+    name: str
+    status: Literal["ok", "modified", "missing"]
+    size: int | None
+    sha256: str | None
+    expected_sha256: str
+
+
+class VerifyReport(BaseModel):
+    """Body of ``trtforge verify``: every file's checksum and the signature of one version, checked in place."""
+
+    registry: str
+    model: str
+    version: int
+    verified: bool
+    files: list[FileCheck]
+    unexpected: list[str]
+    signature: Literal["valid", "invalid", "missing", "not checked"]
+    signature_detail: str
+    problems: list[str]
 
 
 def _now() -> datetime:
@@ -139,6 +197,44 @@ def _json(payload: BaseModel) -> bytes:
     return payload.model_dump_json(indent=2).encode()
 
 
+def _is_published(info: ObjectInfo | None) -> bool:
+    """Whether a manifest object makes its version exist: present and not gc's empty claim."""
+    return info is not None and info.size > 0
+
+
+def _subject(model: str, version: int) -> str:
+    """What a version's signature names as its subject, so a signature copied to another version is recognised."""
+    return f"{model}/versions/{version}"
+
+
+def _signed_digests(manifest: Manifest, payload: bytes) -> dict[str, str]:
+    """Everything a version's signature covers, by name inside the version's folder: the manifest and every file."""
+    digests = {MANIFEST: hashlib.sha256(payload).hexdigest()}
+    for entry in manifest.targets.values():
+        for name, file in entry.files.items():
+            digests[f"{entry.tag}/{name}"] = file.sha256
+    return digests
+
+
+def _signature_mismatch(signed: dict[str, str], expected: dict[str, str], manifest_where: str) -> str | None:
+    """Why a valid signature does not vouch for this version's content, or None when it does."""
+    if signed.get(MANIFEST) != expected[MANIFEST]:
+        return (
+            f"{manifest_where} has SHA-256 {expected[MANIFEST]}, but the signature vouches for "
+            f"{signed.get(MANIFEST) or 'no manifest'}: the manifest was changed after signing, or the signature belongs to other content"
+        )
+    unsigned = sorted(set(expected) - set(signed))
+    if unsigned:
+        return f"the manifest lists {', '.join(unsigned)}, which the signature does not cover"
+    extra = sorted(set(signed) - set(expected))
+    if extra:
+        return f"the signature covers {', '.join(extra)}, which the manifest does not list"
+    changed = sorted(name for name in expected if signed[name] != expected[name])
+    if changed:
+        return f"the manifest's SHA-256 of {', '.join(changed)} differs from the signed one"
+    return None
+
+
 class Registry:
     def __init__(self, store: ObjectStore):
         self.store = store
@@ -155,7 +251,7 @@ class Registry:
         found = set()
         for info in self.store.list(prefix):
             number, _, rest = info.key[len(prefix) :].partition("/")
-            if rest == MANIFEST and number.isdigit():
+            if rest == MANIFEST and number.isdigit() and _is_published(info):
                 found.add(int(number))
         return sorted(found)
 
@@ -163,11 +259,15 @@ class Registry:
         return f"{self.uri}/{key}"
 
     def manifest(self, model: str, version: int) -> Manifest:
+        return self._read_manifest(model, version)[0]
+
+    def _read_manifest(self, model: str, version: int) -> tuple[Manifest, bytes]:
+        """The manifest and the exact bytes it was read from (what the signature covers)."""
         key = _version_key(check_model(model), check_version(version), MANIFEST)
         stored = self.store.get(key)
-        if stored is None:
+        if stored is None or not stored.data:
             raise self._missing_version(model, version)
-        return read_manifest(stored.data, self._where(key), model, version)
+        return read_manifest(stored.data, self._where(key), model, version), stored.data
 
     def _missing_version(self, model: str, version: int) -> NotFoundError:
         existing = self.versions(model)
@@ -212,7 +312,7 @@ class Registry:
             raise RegistryError("give a version or an alias, not both")
         if version is not None:
             check_version(version)
-            if self.store.head(_version_key(model, version, MANIFEST)) is None:
+            if not _is_published(self.store.head(_version_key(model, version, MANIFEST))):
                 raise self._missing_version(model, version)
             return version
         alias = check_alias(alias or "latest")
@@ -223,7 +323,7 @@ class Registry:
             known = ", ".join(self.aliases(model)) or "none"
             raise NotFoundError(f"{model} has no alias {alias!r} in {self.uri}; its aliases: {known}")
         target = current[0].version
-        if self.store.head(_version_key(model, target, MANIFEST)) is None:
+        if not _is_published(self.store.head(_version_key(model, target, MANIFEST))):
             raise IntegrityError(f"alias {alias!r} of {model} points at version {target}, which has no manifest: promote a complete version")
         return target
 
@@ -243,6 +343,8 @@ class Registry:
         by_version: dict[int, list[str]] = {}
         for name, number in aliases.items():
             by_version.setdefault(number, []).append(name)
+        prefix = _versions_prefix(model)
+        signed = {info.key[len(prefix) :].partition("/")[0] for info in self.store.list(prefix) if info.key.endswith(f"/{SIGNATURE}")}
         summaries = []
         for number in versions:
             manifest = self.manifest(model, number)
@@ -260,7 +362,15 @@ class Registry:
                         gate=gate if isinstance(gate, dict) else None,
                     )
                 )
-            summaries.append(VersionSummary(version=number, created_at=manifest.created_at, aliases=by_version.get(number, []), targets=targets))
+            summaries.append(
+                VersionSummary(
+                    version=number,
+                    created_at=manifest.created_at,
+                    aliases=by_version.get(number, []),
+                    signed=str(number) in signed,
+                    targets=targets,
+                )
+            )
         return ModelListing(registry=self.uri, model=model, aliases=aliases, versions=summaries)
 
     # --- publishing ----------------------------------------------------------------------------
@@ -274,8 +384,13 @@ class Registry:
         environment: dict[str, Any],
         extra: dict[str, Any] | None = None,
         aliases: list[str] | tuple[str, ...] = ("latest",),
+        signer: Signer | Literal["environment"] | None = FROM_ENVIRONMENT,
     ) -> Manifest:
-        """Publish ``targets`` as the next version of ``model`` and move ``aliases`` forward to it."""
+        """Publish ``targets`` as the next version of ``model`` and move ``aliases`` forward to it.
+
+        ``signer`` signs the version (its manifest and every file); by default it comes from
+        $TRTFORGE_SIGNING_KEY or $TRTFORGE_SIGNING_SIGSTORE, and None publishes unsigned.
+        """
         check_model(model)
         aliases = [check_alias(a) for a in dict.fromkeys(aliases)]
         self._check_artifacts(model, targets)
@@ -285,11 +400,16 @@ class Registry:
             lineage_model = Lineage.model_validate(lineage)
         except ValidationError as err:
             raise RegistryError(f"lineage of {model} is invalid: {err.errors()[0]['msg']}") from None
+        if signer == FROM_ENVIRONMENT:
+            signer = signer_from_env()
+        version_signer = None if signer is None else VersionSigner(signer)
         self.store.check_conditional_writes()
 
         version = self._allocate_version(model)
+        crashpoints.reached("allocated")
         try:
             entries = {target.tag: self._upload_target(model, version, target) for target in targets}
+            crashpoints.reached("uploaded")
             manifest = Manifest(
                 model=model,
                 version=version,
@@ -300,12 +420,14 @@ class Registry:
                 targets=entries,
             )
             payload = _json(manifest)
-            # gc removes a version's lock first: a publisher that outlived its gc age must not complete it.
-            if self.store.head(_version_key(model, version, LOCK)) is None:
-                raise RegistryError(
-                    f"version {version} of {model} was removed by 'trtforge gc' while it was being published "
-                    "(the publish took longer than gc's --older-than): publish again"
-                )
+            if version_signer is not None:
+                signature = version_signer.sign(_subject(model, version), _signed_digests(manifest, payload), UNSIGNED)
+                # Before the manifest: a version readers can see always has its signature.
+                try:
+                    self.store.put_if_absent(_version_key(model, version, SIGNATURE), signature)
+                except PreconditionFailed:
+                    raise RegistryError(f"version {version} of {model} already has a signature: another publisher broke the version lock") from None
+                crashpoints.reached("signed")
         except RegistryUnreachable:
             raise
         except BaseException:
@@ -314,11 +436,25 @@ class Registry:
         try:
             self.store.put_if_absent(_version_key(model, version, MANIFEST), payload)
         except PreconditionFailed:
-            raise RegistryError(f"version {version} of {model} already has a manifest: another publisher broke the version lock") from None
-        log.info("published %s version %d to %s", model, version, self.uri)
-        for alias in aliases:
+            raise self._lost_version(model, version) from None
+        log.info("published %s version %d to %s%s", model, version, self.uri, " (signed)" if version_signer else "")
+        crashpoints.reached("published")
+        for moved, alias in enumerate(aliases, start=1):
             self._move_alias(model, alias, version, forward_only=True)
+            if moved < len(aliases):
+                crashpoints.reached("mid-alias-move")
         return manifest
+
+    def _lost_version(self, model: str, version: int) -> RegistryError:
+        """The manifest could not be created: gc claimed the version (an empty manifest), or the lock was broken."""
+        existing = self.store.head(_version_key(model, version, MANIFEST))
+        if _is_published(existing):
+            return RegistryError(f"version {version} of {model} already has a manifest: another publisher broke the version lock")
+        self._discard_unfinished(model, version)
+        return RegistryError(
+            f"version {version} of {model} was removed by 'trtforge gc' while it was being published "
+            "(the publish took longer than gc's --older-than): publish again"
+        )
 
     def _check_artifacts(self, model: str, targets: list[TargetArtifacts]) -> None:
         if not targets:
@@ -357,11 +493,12 @@ class Registry:
         return TargetEntry(tag=target.tag, record=target.record, files=files)
 
     def _discard_unfinished(self, model: str, version: int) -> None:
-        """Remove what a failed publish uploaded (lock last); any failure here is left to gc."""
+        """Remove what a failed publish uploaded, lock last; never the manifest key (gc's claim, if any). Failures are left to gc."""
         prefix = f"{_versions_prefix(model)}{version}/"
+        manifest = _version_key(model, version, MANIFEST)
+        lock = _version_key(model, version, LOCK)
         try:
-            keys = [info.key for info in self.store.list(prefix)]
-            lock = _version_key(model, version, LOCK)
+            keys = [info.key for info in self.store.list(prefix) if info.key != manifest]
             for key in sorted(keys, key=lambda k: k == lock):
                 self.store.delete(key)
         except RegistryError as err:
@@ -421,10 +558,20 @@ class Registry:
         precision: str | None = None,
         backend: str | None = None,
         cache_dir: Path | None = None,
+        require_signature: bool | None = None,
+        trust: Trust | None = None,
     ) -> PullResult:
-        """Write the files of the target that fits into ``dest``, verified; ``arch="auto"`` asks NVML."""
+        """Write the files of the target that fits into ``dest``, verified; ``arch="auto"`` asks NVML.
+
+        With ``require_signature`` (default: $TRTFORGE_REQUIRE_SIGNATURE) the version's signature
+        must verify with ``trust`` (default: $TRTFORGE_TRUSTED_KEY) and cover exactly what the
+        version holds, before anything is downloaded or written.
+        """
+        verifier = self._verifier(require_signature, trust)
         number = self.resolve(model, version=version, alias=alias)
-        manifest = self.manifest(model, number)
+        manifest, payload = self._read_manifest(model, number)
+        if verifier is not None:
+            self._check_signature(model, number, manifest, payload, verifier)
         wanted_arch = None if arch is None else local_arch() if arch == "auto" else normalize_arch(arch)
         trt_engines = any(EngineFacts.of(t.record).backend == "tensorrt" for t in manifest.targets.values())
         local_trt = local_tensorrt_version() if trt_engines else None
@@ -473,36 +620,170 @@ class Registry:
             files=files,
             build={**facts.summary(), "gate": gate if isinstance(gate, dict) else None},
             notes=notes,
+            signature_verified_with=None if verifier is None else verifier.description,
+        )
+
+    # --- signatures ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _verifier(require_signature: bool | None, trust: Trust | None) -> VersionVerifier | None:
+        """The verifier a pull must pass, or None when no signature is required (an explicit ``trust`` requires one)."""
+        required = require_signature if require_signature is not None else trust is not None or signature_required_by_env()
+        if not required:
+            return None
+        trust = trust or trust_from_env()
+        if trust is None:
+            raise RegistryError(
+                "a signature is required but no key is trusted: pass --trusted-key PUBLIC_KEY.pem or set TRTFORGE_TRUSTED_KEY "
+                "(or TRTFORGE_TRUSTED_IDENTITY and TRTFORGE_TRUSTED_OIDC_ISSUER for Sigstore signatures)"
+            )
+        return VersionVerifier(trust)
+
+    def _unexpected_objects(self, model: str, version: int, manifest: Manifest) -> list[str]:
+        """Objects in the version's folder that its manifest does not list (added after publishing)."""
+        prefix = f"{_versions_prefix(model)}{version}/"
+        known = {MANIFEST, *UNSIGNED, *(f"{e.tag}/{name}" for e in manifest.targets.values() for name in e.files)}
+        return sorted(name for info in self.store.list(prefix) if (name := info.key[len(prefix) :]) not in known)
+
+    def _signature_problem(self, model: str, version: int, manifest: Manifest, payload: bytes, verifier: VersionVerifier) -> str | None:
+        """Why the version's signature does not vouch for its manifest and files, or None when it does."""
+        key = _version_key(model, version, SIGNATURE)
+        stored = self.store.get(key)
+        if stored is None:
+            return f"{self._where(key)} is missing: {model} version {version} was published unsigned, or its signature was removed"
+        try:
+            signed = verifier.verify(stored.data, self._where(key))
+        except SignatureError as err:
+            return str(err)
+        expected_subject = _subject(model, version)
+        if signed.subject != expected_subject:
+            return f"{self._where(key)} was made for {signed.subject}, not {expected_subject}: it was copied from another version"
+        return _signature_mismatch(signed.digests, _signed_digests(manifest, payload), self._where(_version_key(model, version, MANIFEST)))
+
+    def _check_signature(self, model: str, version: int, manifest: Manifest, payload: bytes, verifier: VersionVerifier) -> None:
+        problem = self._signature_problem(model, version, manifest, payload, verifier)
+        if problem is None:
+            unexpected = self._unexpected_objects(model, version, manifest)
+            if unexpected:
+                problem = (
+                    f"{self._where(f'{_versions_prefix(model)}{version}')} holds {', '.join(unexpected)}, which its signed "
+                    "manifest does not list: it was added after publishing"
+                )
+        if problem is not None:
+            raise SignatureError(f"refusing to pull {model} version {version}: {problem}; nothing was written")
+
+    def verify(self, model: str, version: int, *, trust: Trust | None = None, require_signature: bool | None = None) -> VerifyReport:
+        """Check a published version in place: every file against the manifest, no added objects, and the signature.
+
+        The signature is checked with ``trust`` (default: $TRTFORGE_TRUSTED_KEY); without one it is
+        reported as not checked, which fails the version only when a signature is required.
+        """
+        check_model(model)
+        check_version(version)
+        manifest, payload = self._read_manifest(model, version)
+        if require_signature is None:
+            require_signature = trust is not None or signature_required_by_env()
+        trust = trust or trust_from_env()
+        problems = []
+        files = []
+        with tempfile.TemporaryDirectory(prefix="trtforge-verify-") as folder:
+            for entry in manifest.targets.values():
+                for name, expected in entry.files.items():
+                    path = f"{entry.tag}/{name}"
+                    key = _version_key(model, version, path)
+                    local = Path(folder) / "file"
+                    if self.store.head(key) is None:
+                        files.append(FileCheck(name=path, status="missing", size=None, sha256=None, expected_sha256=expected.sha256))
+                        problems.append(f"{self._where(key)} is missing")
+                        continue
+                    self.store.download_file(key, local)
+                    size, digest = local.stat().st_size, sha256_file(local)
+                    local.unlink()
+                    status = "ok" if (size, digest) == (expected.size, expected.sha256) else "modified"
+                    files.append(FileCheck(name=path, status=status, size=size, sha256=digest, expected_sha256=expected.sha256))
+                    if status != "ok":
+                        problems.append(
+                            f"{self._where(key)} has {size} bytes with SHA-256 {digest}; the manifest records "
+                            f"{expected.size} bytes with SHA-256 {expected.sha256}"
+                        )
+        unexpected = self._unexpected_objects(model, version, manifest)
+        problems.extend(f"{self._where(_version_key(model, version, name))} is not listed in the manifest" for name in unexpected)
+
+        signature_key = _version_key(model, version, SIGNATURE)
+        if trust is not None:
+            verifier = VersionVerifier(trust)
+            detail = self._signature_problem(model, version, manifest, payload, verifier)
+            if detail is None:
+                signature, detail = "valid", f"verified with {verifier.description}"
+            elif self.store.head(signature_key) is None:
+                signature = "missing"
+            else:
+                signature = "invalid"
+        elif self.store.head(signature_key) is None:
+            signature, detail = "missing", "the version was published unsigned"
+        else:
+            signature, detail = "not checked", "no trusted key: pass --trusted-key or set TRTFORGE_TRUSTED_KEY"
+        signature_failed = signature == "invalid" or (require_signature and signature != "valid")
+        if signature_failed:
+            problems.append(f"signature {signature}: {detail}")
+        return VerifyReport(
+            registry=self.uri,
+            model=model,
+            version=version,
+            verified=not problems,
+            files=files,
+            unexpected=unexpected,
+            signature=signature,
+            signature_detail=detail,
+            problems=problems,
         )
 
     # --- garbage collection ----------------------------------------------------------------------
 
     def gc(self, older_than: timedelta = DEFAULT_GC_AGE, dry_run: bool = False) -> GcReport:
-        """Remove versions that never got a manifest and unfinished uploads, once older than ``older_than``.
+        """Remove what crashed publishes and runs left, once older than ``older_than``: versions that never got
+        a manifest, staging folders (``<model>/staging/<run>/``) and unfinished uploads.
 
-        Never touches a version with a manifest. The age guards publishers still at work: keep it
-        above the longest publish.
+        Never touches a version with a manifest. An unfinished version is first claimed with an
+        empty manifest (a conditional create that a late publisher's manifest would lose to), so
+        gc and a publisher never both win. The age guards runs still at work: keep it above the
+        longest publish and the longest run.
         """
         cutoff = _now() - older_than
-        unfinished: dict[tuple[str, int], list] = {}
-        complete = set()
+        versions: dict[tuple[str, int], list[ObjectInfo]] = {}
+        staging: dict[tuple[str, str], list[ObjectInfo]] = {}
         for info in self.store.list(""):
             parts = info.key.split("/")
-            if len(parts) < 4 or parts[1] != "versions" or not parts[2].isdigit():
-                continue
-            where = (parts[0], int(parts[2]))
-            if parts[3] == MANIFEST and len(parts) == 4:
-                complete.add(where)
-            unfinished.setdefault(where, []).append(info)
+            if len(parts) >= 4 and parts[1] == "versions" and parts[2].isdigit():
+                versions.setdefault((parts[0], int(parts[2])), []).append(info)
+            elif len(parts) >= 4 and parts[1] == STAGING:
+                staging.setdefault((parts[0], parts[2]), []).append(info)
+
         collected = []
-        for (model, version), objects in sorted(unfinished.items()):
-            if (model, version) in complete or max(o.last_modified for o in objects) > cutoff:
+        for (model, version), objects in sorted(versions.items()):
+            manifest_key = _version_key(model, version, MANIFEST)
+            claim = next((o for o in objects if o.key == manifest_key), None)
+            if _is_published(claim):
                 continue
-            collected.append(CollectedVersion(model=model, version=version, objects=len(objects), bytes=sum(o.size for o in objects)))
+            leftovers = [o for o in objects if o.key != manifest_key]
+            if not leftovers or max(o.last_modified for o in leftovers) > cutoff:
+                continue
+            if not dry_run and claim is None and not self._claim_unfinished(model, version):
+                continue
+            collected.append(CollectedVersion(model=model, version=version, objects=len(leftovers), bytes=sum(o.size for o in leftovers)))
             if not dry_run:
-                lock = _version_key(model, version, LOCK)
-                for info in sorted(objects, key=lambda o: o.key != lock):
+                for info in leftovers:
                     self.store.delete(info.key)
+
+        collected_staging = []
+        for (model, run), objects in sorted(staging.items()):
+            if max(o.last_modified for o in objects) > cutoff:
+                continue
+            collected_staging.append(CollectedStaging(model=model, run=run, objects=len(objects), bytes=sum(o.size for o in objects)))
+            if not dry_run:
+                for info in objects:
+                    self.store.delete(info.key)
+
         uploads = []
         for upload in self.store.pending_uploads(""):
             if upload.initiated > cutoff:
@@ -515,8 +796,19 @@ class Registry:
             dry_run=dry_run,
             older_than_hours=older_than.total_seconds() / 3600,
             versions=collected,
+            staging=collected_staging,
             uploads=uploads,
         )
+
+    def _claim_unfinished(self, model: str, version: int) -> bool:
+        """Create the version's manifest empty; False if its publisher got its real manifest in first."""
+        self.store.check_conditional_writes()
+        key = _version_key(model, version, MANIFEST)
+        try:
+            self.store.put_if_absent(key, b"")
+        except PreconditionFailed:
+            return not _is_published(self.store.head(key))
+        return True
 
 
 def registry_uri_from_env(uri: str | None = None) -> str:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
+from trtforge.registry import crashpoints
 from trtforge.registry.storage import (
     FileDigest,
     ObjectInfo,
@@ -288,7 +289,12 @@ class S3Store:
             hashing = hasher.submit(digest_file, path, part_size)
             try:
                 self._client.upload_file(
-                    str(path), self.bucket, full, ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer_config
+                    str(path),
+                    self.bucket,
+                    full,
+                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                    Config=self._transfer_config,
+                    Callback=crashpoints.progress_hook("mid-upload"),
                 )
             except Exception as err:
                 self._abort_uploads_of(full)

@@ -164,7 +164,11 @@ def evaluate_thresholds(
         if bound is not None and name in metrics and metrics[name] < bound:
             failures.append(f"{label} {metrics[name]:.4f} < threshold {bound:.4f}")
 
-    at_least("accuracy", thresholds.min_accuracy, "top-1 accuracy")
+    if thresholds.min_accuracy is not None and metrics.get("accuracy", 1.0) < thresholds.min_accuracy:
+        failures.append(
+            f"top-1 accuracy {metrics['accuracy']:.4f} < threshold {thresholds.min_accuracy:.4f} "
+            f"(PyTorch FP32 reference {metrics['reference_accuracy']:.4f})"
+        )
     at_least("agreement", thresholds.min_agreement, "top-1 agreement with the FP32 reference")
     at_least("cosine_mean", thresholds.min_cosine, "mean cosine similarity to the FP32 reference")
     at_least("recall_at_k", thresholds.min_recall_at_k, "recall@k against the reference embeddings")

@@ -1,0 +1,30 @@
+"""Named points of a publish where the crash-safety tests stop the publishing process dead.
+
+A crash at a precise step (right after the version number is claimed, in the middle of an
+upload, between the signature and the manifest, between two alias moves) cannot be caused
+reliably from outside the process, so the publisher announces each step here. When
+``TRTFORGE_CRASH_AT`` names the step reached, the process sends itself SIGKILL, which no
+cleanup code can intercept, exactly as the kernel's OOM killer or a lost machine would.
+Unset, as it is outside those tests, every point does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+CRASH_ENV = "TRTFORGE_CRASH_AT"
+POINTS = ("allocated", "mid-upload", "uploaded", "signed", "published", "mid-alias-move")
+
+
+def reached(point: str) -> None:
+    if os.environ.get(CRASH_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def progress_hook(point: str) -> Callable[[int], None] | None:
+    """A transfer progress callback that crashes at ``point`` once bytes flow; None when that point is not armed."""
+    if os.environ.get(CRASH_ENV) != point:
+        return None
+    return lambda _transferred: reached(point)
