@@ -266,12 +266,18 @@ def test_interval_schedule_fires_a_run(stack):
         client.update_deployment_schedule(deployment.id, schedule.id, active=True)
     try:
         def scheduled_run():
-            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterStateType
+            from prefect.client.schemas.filters import (
+                DeploymentFilter,
+                DeploymentFilterId,
+                FlowRunFilter,
+                FlowRunFilterState,
+                FlowRunFilterStateType,
+            )
 
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                    flow_run_filter=FlowRunFilter(state=FlowRunFilterStateType(not_any_=["SCHEDULED"])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=["SCHEDULED"]))),
                 )
             return next((run for run in runs if run.auto_scheduled), None)
 

@@ -13,6 +13,7 @@ from trtforge.backends.base import get_backend
 from trtforge.errors import CheckpointError, SpecError, StageError
 from trtforge.evalset import load_eval_set
 from trtforge.isolation import run_isolated
+from trtforge.onnxsafe import OnnxModelError
 from trtforge.stages.checkpoint import ensure_checkpoint
 from trtforge.stages.export import export_onnx
 from trtforge.stages.gate import PreviousRelease, gate_target
@@ -127,7 +128,7 @@ def test_simplify_keeps_dynamic_batch_and_agrees(digits_spec, digits_onnx):
 def test_simplify_failure_reports_onnxsim_message(digits_spec, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x08\x07\x12\x04not an onnx model")
-    with pytest.raises(StageError, match=r"^simplify: ONNX model .*broken.onnx cannot be parsed \(DecodeError"):
+    with pytest.raises(OnnxModelError, match=r"^simplify: ONNX model .*broken.onnx cannot be parsed \(DecodeError"):
         simplify_onnx(digits_spec, broken, tmp_path / "out")
     assert not (tmp_path / "out" / "model.sim.onnx").exists()
     assert not (tmp_path / "out" / "model.sim.onnx.partial").exists()

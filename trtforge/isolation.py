@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -39,7 +40,7 @@ def _child_main(conn, function, args, kwargs, memory_mb, log_path):
     try:
         conn.send(("ok", function(*args, **kwargs)))
     except TrtforgeError as err:
-        conn.send(("user-error", str(err)))
+        conn.send(("user-error", type(err).__module__, type(err).__qualname__, str(err)))
     except BaseException as err:  # report anything, including MemoryError, to the parent
         conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc(limit=-3)))
     finally:
@@ -94,9 +95,19 @@ def run_isolated(
         if status == "ok":
             return payload[0]
         if status == "user-error":
-            raise StageError(stage, payload[0].removeprefix(f"{stage}: "))
+            raise _user_error(stage, *payload)
         detail, child_traceback = payload
         raise StageError(stage, f"failed in the child process: {detail}\n{child_traceback.strip()}")
+
+
+def _user_error(stage: str, module: str, qualname: str, message: str) -> TrtforgeError:
+    """The child's user error as the same class (every TrtforgeError takes its message alone), naming the stage."""
+    if not message.startswith(f"{stage}: "):
+        message = f"{stage}: {message}"
+    error_class = getattr(sys.modules.get(module), qualname, None)
+    if isinstance(error_class, type) and issubclass(error_class, TrtforgeError):
+        return error_class(message)
+    return StageError(message)
 
 
 def _describe_death(exitcode: int | None, log_path: Path) -> str:

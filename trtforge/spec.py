@@ -101,6 +101,15 @@ class OutputSpec(Strict):
     name: Annotated[str, Field(min_length=1)]
 
 
+class IsolationOptions(Strict):
+    """Limits for the child processes that run export, onnxsim, ModelOpt and engine builds."""
+
+    timeout_s: Annotated[float, Field(gt=0)] = 3600
+    memory_mb: Annotated[int, Field(ge=256)] | None = Field(
+        default=None, description="address-space cap of the child (RLIMIT_AS); CUDA builds need far more than they touch"
+    )
+
+
 class ExportOptions(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     tolerance: Annotated[float, Field(gt=0)] = 1e-4
@@ -272,6 +281,7 @@ class ModelSpec(Strict):
     inputs: list[InputSpec] = Field(min_length=1)
     outputs: list[OutputSpec] = Field(min_length=1)
     export: ExportOptions = ExportOptions()
+    isolation: IsolationOptions = IsolationOptions()
     eval: EvalSpec
     calibration: CalibrationSpec | None = None
     precision: PrecisionOptions = PrecisionOptions()

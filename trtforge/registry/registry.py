@@ -344,7 +344,7 @@ class Registry:
         for name, number in aliases.items():
             by_version.setdefault(number, []).append(name)
         prefix = _versions_prefix(model)
-        signed = {info.key[len(prefix) :].partition("/")[0] for info in self.store.list(prefix) if info.key.endswith(f"/{SIGNATURE}")}
+        signed = {number for info in self.store.list(prefix) for number, _, name in [info.key[len(prefix) :].partition("/")] if name == SIGNATURE}
         summaries = []
         for number in versions:
             manifest = self.manifest(model, number)

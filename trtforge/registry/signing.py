@@ -173,8 +173,10 @@ class VersionSigner:
         self.config = config
         if isinstance(config, KeySigner):
             self._signer = self._load_key(config)
-        else:
+        elif isinstance(config, SigstoreSigner):
             self._signer = self._load_sigstore(config)
+        else:
+            raise TypeError(f"signer must be a KeySigner or a SigstoreSigner, not {type(config).__name__}")
 
     @staticmethod
     def _load_key(config: KeySigner):
@@ -240,6 +242,8 @@ class VersionVerifier:
         if isinstance(trust, TrustedKey):
             self.description = f"the trusted key {trust.public_key}"
             self._verifier, self._signature_type = self._load_key(trust)
+        elif not isinstance(trust, TrustedIdentity):
+            raise TypeError(f"trust must be a TrustedKey or a TrustedIdentity, not {type(trust).__name__}")
         else:
             self.description = f"the Sigstore identity {trust.identity} ({trust.oidc_issuer})"
             self._verifier, self._signature_type = self._load_sigstore(trust)

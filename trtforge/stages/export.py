@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
+from trtforge.isolation import run_isolated
 from trtforge.modelload import load_model
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner, random_inputs
 from trtforge.onnxsafe import OnnxModelError, load_onnx_safely
@@ -60,7 +61,18 @@ def _torch_reference(model):
 
 
 def export_onnx(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResult:
-    """Export with torch.onnx (dynamo), check fully with onnx.checker, compare with PyTorch at min/opt/max."""
+    """Export with torch.onnx (dynamo), check fully with onnx.checker, compare with PyTorch at min/opt/max.
+
+    Runs in a child process under the spec's isolation limits: the exporter and the user's
+    model code are native-heavy, and a crash there must fail only this stage.
+    """
+    return run_isolated(
+        STAGE, _export_onnx_impl, spec, checkpoint, out_dir,
+        timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
+    )
+
+
+def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResult:
     import onnx
     import torch
 

@@ -50,14 +50,15 @@ def _simplify_file(source: str, destination: str, plugins: list[str]) -> tuple[i
     return before, len(simplified.graph.node)
 
 
-def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path, timeout_s: float = 600) -> SimplifyResult:
+def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path) -> SimplifyResult:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.sim.onnx"
     partial = out_dir / "model.sim.onnx.partial"
     try:
         before, after = run_isolated(
-            STAGE, _simplify_file, str(onnx_path), str(partial), list(spec.plugins), timeout_s=timeout_s
+            STAGE, _simplify_file, str(onnx_path), str(partial), list(spec.plugins),
+            timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
         )
         outputs = [o.name for o in spec.outputs]
         diffs = max_abs_diff_by_level(
