@@ -171,7 +171,7 @@ def retrain_to_engine(
             summary.conversions.append(result.model_dump(mode="json", include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"}))
         previous = previous_release(store, spec.name, tag, spec.compare_alias)
         if route.kind is RouteKind.LOCAL:
-            pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous))
+            pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous, uri))
         else:
             pending.append(build_on_worker_task.submit(
                 route.deployment, spec_path, spec.name, index, uri, run_id, converted[target.precision], reference,

@@ -5,7 +5,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from trtforge.spec import ModelSpec, Target
-from trtforge.stages.build import build_and_gate
+from trtforge.registry import open_registry
+from trtforge.stages.build import build_with_shared_timing_cache
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.reference import ReferenceResult
 from trtforge.summary import TargetOutcome, TargetStatus
@@ -19,8 +20,10 @@ def build_and_gate_task(
     reference: ReferenceResult,
     work_dir: Path,
     previous: PreviousRelease | None = None,
+    registry: str | None = None,
 ) -> TargetOutcome:
-    outcome = build_and_gate(spec, target, onnx_path, reference, work_dir, previous)
+    store = open_registry(registry) if registry else None
+    outcome = build_with_shared_timing_cache(store, spec, target, onnx_path, reference, work_dir, previous)
     logger = get_run_logger()
     seconds = outcome.record.get("build_seconds", 0.0)
     if outcome.status is TargetStatus.PASSED:

@@ -22,11 +22,12 @@ DIGITS_CALIBRATION_SAMPLES = 320
 # fp16 keeps ~3 significant digits; the digits logits reach ~20, so 0.05 is about 0.25% of their range.
 FP16_LOGIT_TOLERANCE = 0.05
 INT8_MAX_ACCURACY_DROP = 0.01
-# Cosine similarity of the logits to fp32 on random images, per precision. Random-weight ViT-B/16 loses more
-# to per-tensor int8 activations over its 12 blocks: onnxruntime running its Q/DQ graph unfused (pure
-# fake-quantization) lands near 0.88, so 0.85 separates that from broken calibration (near 0), not tuned accuracy.
+# Cosine similarity of the logits to fp32 on random images, per precision. Random-weight ViT-B/16 loses much
+# more to per-tensor int8 activations over its 12 blocks: 0.81-0.88 per image, the same when onnxruntime runs
+# the Q/DQ graph unfused (pure fake-quantization), so that is int8 rounding, not a conversion fault. The bound
+# 0.75 separates it from a broken calibration or Q/DQ placement (near 0); it does not measure tuned accuracy.
 RESNET_COSINE = {"int8": 0.99, "fp16": 0.999}
-VIT_COSINE = {"int8": 0.85, "fp16": 0.999}
+VIT_COSINE = {"int8": 0.75, "fp16": 0.999}
 
 
 def _load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -327,8 +328,8 @@ def test_model_modelopt_cannot_convert_fails_with_its_reason_and_node(tmp_path):
 
 # --- torchvision models with random weights (exported once per session by tests/model_zoo.py) --------
 
-def _zoo_spec(name: str) -> ModelSpec:
-    return _spec(name, ["batch", 3, 224, 224], {"batch": {"min": 1, "opt": 4, "max": 16}})
+def _zoo_spec(name: str, max_batch: int = 16) -> ModelSpec:
+    return _spec(name, ["batch", 3, 224, 224], {"batch": {"min": 1, "opt": 4, "max": max_batch}})
 
 
 def _with_random_head(onnx_path: Path, destination: Path) -> Path:
@@ -347,9 +348,11 @@ def _images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, 224, 224)).astype(np.float32)
 
 
-def _convert_and_compare(path: Path, spec: ModelSpec, cache: Path, precision: Precision) -> tuple[ConversionResult, np.ndarray]:
+def _convert_and_compare(
+    path: Path, spec: ModelSpec, cache: Path, precision: Precision, options: PrecisionOptions = PrecisionOptions()
+) -> tuple[ConversionResult, np.ndarray]:
     """Converts with 8 calibration images (two batches at the opt batch of 4); cosine to fp32 on 4 other images."""
-    result = convert_precision(path, precision, {"input": _images(8, seed=1)}, PrecisionOptions(), spec=spec, cache_dir=cache)
+    result = convert_precision(path, precision, {"input": _images(8, seed=1)}, options, spec=spec, cache_dir=cache)
     probe = {"input": _images(4, seed=2)}
     return result, _cosine(_run(result.onnx_path, probe), _run(path, probe))
 
@@ -374,12 +377,20 @@ def test_resnet18_fp16_stays_close(resnet18_onnx, tmp_path):
 
 @pytest.fixture(scope="module")
 def vit_b16_random_head(vit_b16_onnx, tmp_path_factory) -> Path:
-    return _with_random_head(vit_b16_onnx, tmp_path_factory.mktemp("vit-random-head") / "vit_b16.onnx")
+    """Simplified first, as the pipeline does: AutoCast and calibration take half the time on the folded graph."""
+    from trtforge.stages.simplify import simplify_onnx
+
+    folder = tmp_path_factory.mktemp("vit-random-head")
+    # max_batch 4: the simplify stage checks outputs at min/opt/max, and a larger max only costs time here.
+    spec = _zoo_spec("vit-b16", max_batch=4)
+    return simplify_onnx(spec, _with_random_head(vit_b16_onnx, folder / "vit_b16.onnx"), folder).onnx_path
 
 
 @pytest.mark.slow
 def test_vit_b16_int8_has_qdq_around_its_matmuls_and_stays_close(vit_b16_random_head, tmp_path):
-    int8, cosine = _convert_and_compare(vit_b16_random_head, _zoo_spec("vit-b16"), tmp_path, Precision.INT8)
+    options = PrecisionOptions(calibration_method="max")
+    int8, cosine = _convert_and_compare(vit_b16_random_head, _zoo_spec("vit-b16"), tmp_path, Precision.INT8, options)
+    assert int8.method == "max"
     assert cosine.min() >= VIT_COSINE["int8"], cosine
     model = onnx.load(int8.onnx_path)
     matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]

@@ -47,3 +47,15 @@ def test_cpu_backend_without_pool_that_cannot_run_says_why():
     target = Target(precision="bf16")
     route = route_target(target, Availability(False, "onnxruntime CPU has no bf16 kernels"), no_deployment)
     assert route.kind is RouteKind.UNAVAILABLE and route.reason == "onnxruntime CPU has no bf16 kernels"
+
+
+def test_timing_cache_is_shared_per_tensorrt_minor_version_and_arch(tmp_path):
+    from trtforge.registry import open_registry
+    from trtforge.stages.build import timing_cache_key
+
+    key = timing_cache_key("11.4.0.12", "sm_90")
+    assert key == "trt11.4-sm90"
+    registry = open_registry(f"file://{tmp_path}")
+    assert registry.get_timing_cache(key) is None
+    registry.put_timing_cache(key, b"tactics")
+    assert registry.get_timing_cache(key) == b"tactics"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from trtforge.backends.base import get_backend
+from trtforge.spec import BackendName
 from trtforge.evalset import load_eval_set
 from trtforge.spec import ModelSpec, Target
 from trtforge.stages.gate import PreviousRelease, gate_target
@@ -44,3 +45,34 @@ def build_and_gate(
         record=built.record,
         files={"engine": built.engine_path, **built.extra_files, "gate.json": gate_json},
     )
+
+
+def timing_cache_key(runtime_version: str, arch: str) -> str:
+    """One shared cache per (TensorRT major.minor, compute capability): tactics differ across both."""
+    return f"trt{'.'.join(runtime_version.split('.')[:2])}-{arch.replace('_', '')}"
+
+
+def build_with_shared_timing_cache(
+    registry,
+    spec: ModelSpec,
+    target: Target,
+    onnx_path: Path,
+    reference: ReferenceResult,
+    work_dir: Path,
+    previous: PreviousRelease | None = None,
+) -> TargetOutcome:
+    """``build_and_gate``, with TensorRT's timing cache fetched from the registry first and stored back after."""
+    backend = get_backend(target.backend.value)
+    version = backend.runtime_version()
+    if target.backend is not BackendName.TENSORRT or version is None or registry is None:
+        return build_and_gate(spec, target, onnx_path, reference, work_dir, previous)
+    key = timing_cache_key(version, target.arch)
+    cache = work_dir / "timing.cache"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stored = registry.get_timing_cache(key)
+    if stored is not None:
+        cache.write_bytes(stored)
+    outcome = build_and_gate(spec, target, onnx_path, reference, work_dir, previous, timing_cache=cache)
+    if cache.is_file():
+        registry.put_timing_cache(key, cache.read_bytes())
+    return outcome
