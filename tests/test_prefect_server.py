@@ -139,36 +139,58 @@ def _deploy_override(stack: Stack) -> Path:
     return path
 
 
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.api = f"http://127.0.0.1:{_free_port()}/api"
+        self.log = root / "server.log"
+        home = root / "prefect-home"
+        home.mkdir()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRTFORGE_", "AWS_"))}
+        self.env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_API_URL=self.api,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",
+            PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+            # Services these tests do not use, off to spare the CPU.
+            PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+            PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED="false",
+            PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED="false",
+            PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED="false",
+            # A run waiting for another's build slot asks again this often (default 30 s).
+            PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="2",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="0",
+            PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
+        )
+        host, port = self.api.removeprefix("http://").removesuffix("/api").split(":")
+        self.process = _start([str(BIN / "prefect"), "server", "start", "--host", host, "--port", port], self.env, self.log)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def prefect_server(tmp_path_factory):
+    """`prefect server start`, not yet waited for: it boots while the next fixtures do their work."""
+    server = Server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        _stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def stack(prefect_server, digits_checkpoint):
+    """The server ready, a process worker polling the test pool, and the scheduled deployment deployed there."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.workers.process import ProcessWorker
 
-    root = tmp_path_factory.mktemp("prefect-server")
-    home = root / "prefect-home"
-    home.mkdir()
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRTFORGE_", "AWS_"))}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
-        # A run waiting for another's build slot retries this often (default 30 s).
-        PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="2",
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        PREFECT_WORKER_PREFETCH_SECONDS="0",
-        PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
-    )
-    server_log, worker_log = root / "server.log", root / "worker.log"
-    host, port = api.removeprefix("http://").removesuffix("/api").split(":")
-    server = _start([str(BIN / "prefect"), "server", "start", "--host", host, "--port", port], env, server_log)
+    root, api, env = prefect_server.root, prefect_server.api, prefect_server.env
+    _wait_for("prefect server", lambda: _healthy(api), 240, prefect_server.process, prefect_server.log)
+    worker_log = root / "worker.log"
     worker = None
     try:
-        _wait_for("prefect server", lambda: _healthy(api), 240, server, server_log)
         with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(root / "client-storage")}):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(
@@ -193,7 +215,6 @@ def stack(tmp_path_factory):
     finally:
         if worker is not None:
             _stop(worker)
-        _stop(server)
 
 
 def trigger(stack: Stack, wait: bool = True, **parameters):

@@ -57,16 +57,14 @@ def _gate_case(suite: ElementTree.Element, model: str, outcome: TargetOutcome) -
     body = _text("\n".join(details))
     reason = _text(outcome.reason or outcome.status.value)
     if outcome.status is TargetStatus.PASSED:
-        verdict = "passed"
-    elif outcome.required:
+        ElementTree.SubElement(case, "system-out").text = body
+        return "passed"
+    if outcome.required:
         kind = "gate" if outcome.status is TargetStatus.FAILED else outcome.status.value
         ElementTree.SubElement(case, "failure", message=reason, type=kind).text = body
-        verdict = "failure"
-    else:
-        ElementTree.SubElement(case, "skipped", message=f"optional target {outcome.status.value}: {reason}").text = body
-        verdict = "skipped"
-    ElementTree.SubElement(case, "system-out").text = body
-    return verdict
+        return "failure"
+    ElementTree.SubElement(case, "skipped", message=f"optional target {outcome.status.value}: {reason}").text = body
+    return "skipped"
 
 
 def _publish_case(suite: ElementTree.Element, summary: RunSummary) -> str:
@@ -124,7 +122,7 @@ def ci_markdown(summary: RunSummary) -> str:
             lines.append(f"- `{outcome.tag}` {outcome.status.value}: {outcome.reason or '-'}")
             lines += [f"  - {failure}" for failure in outcome.failures if failure != outcome.reason]
         lines.append("")
-    return "\n".join(lines) + markdown_summary(summary)
+    return "\n".join(lines) + "\n" + markdown_summary(summary)
 
 
 def _write_atomically(path: Path, text: str) -> Path:

@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -329,7 +330,7 @@ def convert_file(
                 log_level="WARNING",
             )
         if not Path(destination).is_file():
-            raise RuntimeError("ModelOpt finished without writing a model (see its log for the reason)")
+            raise RuntimeError("ModelOpt finished without writing a model")
         onnx.checker.check_model(destination, full_check=True)
     except Exception as err:
         raise StageError(STAGE, _describe_failure(err, source, precision)) from None
@@ -366,6 +367,12 @@ def _describe_failure(err: Exception, source: str, precision: str) -> str:
 
     reason = str(err).strip() or "(no message)"
     detail = f"ModelOpt could not convert the model to {precision}: {type(err).__name__}: {reason}"
+    # ModelOpt asserts without messages in places; the step of ModelOpt that failed is then the only clue.
+    modelopt_frames = [f for f in traceback.extract_tb(err.__traceback__) if "/modelopt/" in f.filename]
+    if modelopt_frames:
+        frame = modelopt_frames[-1]
+        module = "modelopt/" + frame.filename.rsplit("/modelopt/", 1)[1]
+        detail += f" (in {module}:{frame.lineno}, {frame.name})"
     try:
         nodes = onnx.load(source, load_external_data=False).graph.node
     except Exception:
