@@ -33,10 +33,12 @@ def onnxruntime_session(onnx_path: Path, optimized_path: Path | None = None, dis
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # EXTENDED, never ALL: ALL adds CPU-specific layout transforms (NchwcTransformer), which
+    # segfaults onnxruntime 1.32 on AutoCast fp16 transformers and makes saved engines non-portable.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if disable_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path is not None:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 

@@ -6,15 +6,16 @@ import os
 from typing import Any
 
 from trtforge.environment import environment
-from trtforge.spec import DEFAULT_REGISTRY, ModelSpec
+from trtforge.registry import REGISTRY_ENV, registry_uri_from_env
+from trtforge.spec import ModelSpec
 from trtforge.summary import TargetOutcome, TargetStatus
-
-REGISTRY_ENV = "TRTFORGE_REGISTRY"
 
 
 def registry_uri(spec: ModelSpec | None, override: str | None = None) -> str:
     """``--registry``, then $TRTFORGE_REGISTRY, then the spec's ``registry``, then the embedded default."""
-    return override or os.environ.get(REGISTRY_ENV) or (spec.registry if spec else None) or DEFAULT_REGISTRY
+    if override or os.environ.get(REGISTRY_ENV):
+        return registry_uri_from_env(override)
+    return registry_uri_from_env(spec.registry if spec else None)
 
 
 def publish_release(
