@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trtforge.backends.base import get_backend
+from trtforge.backends.base import BuiltEngine, get_backend
+from trtforge.isolation import run_isolated
 from trtforge.spec import BackendName
 from trtforge.evalset import load_eval_set
 from trtforge.spec import ModelSpec, Target
 from trtforge.stages.gate import PreviousRelease, gate_target
 from trtforge.stages.reference import ReferenceResult, load_reference
 from trtforge.summary import TargetOutcome, TargetStatus
+
+
+def _build_engine(
+    backend_name: str, onnx_path: Path, target: Target, spec: ModelSpec, work_dir: Path, timing_cache: Path | None
+) -> BuiltEngine:
+    """Runs in the child process: engine builders are native code that can crash on a model."""
+    options = {"timing_cache": timing_cache} if timing_cache is not None else {}
+    return get_backend(backend_name).build(onnx_path, target, spec, work_dir, **options)
 
 
 def build_and_gate(
@@ -25,8 +34,10 @@ def build_and_gate(
 ) -> TargetOutcome:
     """``timing_cache`` (TensorRT only) is read before the build and updated after it."""
     backend = get_backend(target.backend.value)
-    options = {"timing_cache": timing_cache} if timing_cache is not None else {}
-    built = backend.build(onnx_path, target, spec, work_dir, **options)
+    built = run_isolated(
+        "build", _build_engine, target.backend.value, onnx_path, target, spec, work_dir, timing_cache,
+        timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
+    )
     runner = backend.load_runner(built.engine_path)
     result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous)
     gate_json = work_dir / "gate.json"
