@@ -163,6 +163,9 @@ class Server:
             PREFECT_WORKER_QUERY_SECONDS="1",
             PREFECT_WORKER_PREFETCH_SECONDS="0",
             PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
+            # Several processes share two cores here: OpenMP threads spinning against each other make
+            # torch in the flow runs many times slower than one thread each.
+            OMP_NUM_THREADS="1",
         )
         host, port = self.api.removeprefix("http://").removesuffix("/api").split(":")
         self.process = _start([str(BIN / "prefect"), "server", "start", "--host", host, "--port", port], self.env, self.log)
@@ -183,6 +186,7 @@ def stack(prefect_server, digits_checkpoint):
     """The server ready, a process worker polling the test pool, and the scheduled deployment deployed there."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.workers.process import ProcessWorker
 
@@ -211,7 +215,11 @@ def stack(prefect_server, digits_checkpoint):
                 return getattr(status, "value", status) == "READY"
 
             _wait_for("worker polling the deployment", deployment_ready, 180, worker, worker_log, interval=1)
-            yield built
+            try:
+                yield built
+            finally:
+                # Flows run in this process log to the API in the background: send it all while the server is up.
+                APILogHandler().flush()
     finally:
         if worker is not None:
             _stop(worker)

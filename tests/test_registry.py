@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.forking import run_then_exit
 from tests.s3_server import TEST_BUCKET, running_seaweedfs
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError, TrtforgeError
 from trtforge.registry import TargetArtifacts, open_registry
@@ -261,7 +262,7 @@ def _run_children(target, argument_lists, timeout: float = 60) -> list:
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(len(argument_lists))
     results = context.Queue()
-    children = [context.Process(target=target, args=(*arguments, barrier, results)) for arguments in argument_lists]
+    children = [context.Process(target=run_then_exit, args=(target, *arguments, barrier, results)) for arguments in argument_lists]
     for child in children:
         child.start()
     collected = [results.get(timeout=timeout) for _ in children]

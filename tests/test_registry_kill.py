@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.forking import run_then_exit
 from tests.test_registry import ENVIRONMENT, MODEL, lineage, make_target
 from tests.test_signing import KeyPair, write_key_pair
 from trtforge.cli import app
@@ -128,7 +129,8 @@ def test_gc_claims_a_stalled_version_so_its_publisher_cannot_complete_it(registr
     context = multiprocessing.get_context("fork")
     outcome = context.Queue()
     child = context.Process(
-        target=_publish_until, args=(registry_uri, str(tmp_path / "stalled"), str(signing_key.private), PAUSE_ENV, "uploaded", outcome)
+        target=run_then_exit,
+        args=(_publish_until, registry_uri, str(tmp_path / "stalled"), str(signing_key.private), PAUSE_ENV, "uploaded", outcome),
     )
     child.start()
     try:

@@ -329,7 +329,7 @@ def test_simplify_checks_its_input_before_onnxsim_or_onnxruntime_read_it(tmp_pat
     path = write(add_model(external_weight("../outside/secret.bin")), model_dir)
     out = tmp_path / "model" / "out"
     outside = Outside(tmp_path)
-    with pytest.raises(StageError, match=r"^simplify: ONNX model .*model.onnx: initializer 'w' has external data at "
+    with pytest.raises(OnnxModelError, match=r"^simplify: ONNX model .*model.onnx: initializer 'w' has external data at "
                        r"'../outside/secret.bin', which leaves the model's folder"):
         simplify_onnx(digits_spec, path, out)
     assert list(out.iterdir()) == []
