@@ -50,9 +50,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as output:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
 
 def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
@@ -225,7 +225,7 @@ def stack(prefect_server, digits_checkpoint):
             _stop(worker)
 
 
-def trigger(stack: Stack, wait: bool = True, **parameters):
+def trigger(wait: bool = True, **parameters):
     """A manual run of the deployment (its own parameters unless overridden)."""
     from prefect.deployments import run_deployment
 
@@ -270,14 +270,14 @@ def test_triggered_deployment_builds_a_new_checkpoint_then_is_up_to_date(stack, 
     checkpoint = stack.incoming / "digits-1.safetensors"
     shutil.copy(digits_checkpoint, checkpoint)
 
-    first = trigger(stack)
+    first = trigger()
     assert first.state.is_completed(), f"{first.state.name}: {first.state.message}\n{run_log(first.id)}"
     registry = open_registry(stack.registry)
     assert registry.versions("digits-cnn") == [1]
     assert registry.manifest("digits-cnn", 1).lineage.checkpoint_sha256 == sha256_file(checkpoint)
     assert "digits-1.safetensors" in run_log(first.id) and "building" in run_log(first.id)
 
-    second = trigger(stack)
+    second = trigger()
     assert second.state.is_completed(), second.state.message
     log = run_log(second.id)
     assert "up to date: version 1" in log
@@ -377,7 +377,7 @@ def test_ci_on_the_deployment_with_a_degraded_checkpoint_fails_and_publishes_not
 
 def test_two_triggers_for_one_checkpoint_at_once_publish_one_version(stack):
     registry = stack.fresh_registry()
-    runs = [trigger(stack, wait=False, registry=registry) for _ in range(2)]
+    runs = [trigger(wait=False, registry=registry) for _ in range(2)]
     done = [finish(run.id) for run in runs]
     assert all(run.state.is_completed() for run in done), [run.state.message for run in done]
     assert max(run.start_time for run in done) < min(run.end_time for run in done), "the two runs did not overlap"
@@ -387,11 +387,12 @@ def test_two_triggers_for_one_checkpoint_at_once_publish_one_version(stack):
     assert sum("building" in log for log in logs) == 1
 
 
-def test_ci_in_process_uses_the_server_and_reports_up_to_date_or_a_missing_checkpoint(stack, digits_checkpoint):
+def test_ci_in_process_uses_the_server_and_reports_up_to_date_or_a_missing_checkpoint(stack):
     """Without --deployment the flow runs in this process (against the server in PREFECT_API_URL)."""
     from typer.testing import CliRunner
 
     from trtforge.cli import app
+    from trtforge.errors import TrtforgeError
 
     junit = stack.root / "ci-local" / "junit.xml"
     args = ["ci", "--spec", str(stack.spec), "--registry", stack.registry, "--artifacts", str(stack.artifacts), "--junit", str(junit)]
@@ -404,3 +405,7 @@ def test_ci_in_process_uses_the_server_and_reports_up_to_date_or_a_missing_check
     assert missing.exit_code == 1
     failure = junit_cases(junit)["publish"].find("failure")
     assert failure is not None and "no-such.safetensors does not exist" in failure.get("message")
+
+    undeployed = CliRunner().invoke(app, [*args, "--checkpoint", str(stack.incoming / "digits-1.safetensors"), "--deployment", "no-such"])
+    assert isinstance(undeployed.exception, TrtforgeError)
+    assert str(undeployed.exception).startswith(f"no deployment watch-checkpoints/no-such on the Prefect server at {stack.api}")
