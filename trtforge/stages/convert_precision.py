@@ -16,7 +16,6 @@ assembled in a hidden folder and renamed into place, so a cache entry is always 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from trtforge.calibration import content_sha256
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.isolation import run_isolated
@@ -433,15 +433,6 @@ def _expected_shape(inp: InputSpec) -> str:
     return "(samples, " + ", ".join(str(d) for d in inp.shape_at("opt")[1:]) + ")"
 
 
-def _arrays_sha256(calibration: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(calibration):
-        array = np.ascontiguousarray(calibration[name])
-        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _cache_key(
     onnx_path: Path,
     model,
@@ -455,7 +446,7 @@ def _cache_key(
     if calibration is None:
         data_digest = None
     else:
-        data_digest = calibration_sha256 or _arrays_sha256(calibration)
+        data_digest = calibration_sha256 or content_sha256(dict(calibration), None)
     decided_by = {
         "onnx_sha256": sha256_file(onnx_path),
         # The weights of a large model live beside it: a change there must miss the cache too.
