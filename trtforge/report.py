@@ -81,7 +81,7 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    for target in points:
+    for index, target in enumerate(points):
         metric = next((m for m in ("accuracy", "agreement", "cosine_mean") if m in target.metrics), None)
         if metric is None:
             continue
@@ -89,6 +89,11 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
         axes.scatter(
             target.metrics["latency_ms_median"], target.metrics[metric], marker="o" if passed else "x", s=80,
             color="tab:green" if passed else "tab:red", label=f"{target.tag} ({'pass' if passed else 'FAIL'})",
+        )
+        # Targets often tie on the metric; the label says which point is which.
+        axes.annotate(
+            f"{target.backend} {target.precision}", (target.metrics["latency_ms_median"], target.metrics[metric]),
+            textcoords="offset points", xytext=(6, 6 + 11 * index), fontsize=8,
         )
     axes.set_xlabel("median latency at the opt shape (ms)")
     axes.set_ylabel("task metric (accuracy, else agreement or cosine)")
