@@ -13,9 +13,7 @@ from trtforge.summary import TargetOutcome, TargetStatus
 
 def registry_uri(spec: ModelSpec | None, override: str | None = None) -> str:
     """``--registry``, then $TRTFORGE_REGISTRY, then the spec's ``registry``, then the embedded default."""
-    if override or os.environ.get(REGISTRY_ENV):
-        return registry_uri_from_env(override)
-    return registry_uri_from_env(spec.registry if spec else None)
+    return registry_uri_from_env(override or os.environ.get(REGISTRY_ENV) or (spec.registry if spec else None))
 
 
 def publish_release(
