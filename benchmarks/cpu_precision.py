@@ -112,7 +112,9 @@ def resnet18_workload(work: Path) -> Workload:
     return Workload("resnet18", path, spec, {"input": calibration}, probe, None)
 
 
-def median_latencies_ms(runners: dict[Precision, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3) -> dict[Precision, float]:
+def median_latencies_ms(
+    runners: dict[Precision, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3
+) -> dict[Precision, float]:
     """Runs the precisions in turn, round after round, so load from other processes falls on all of them alike."""
     for runner in runners.values():
         runner.run(feeds)  # the first run allocates and picks kernels
@@ -160,9 +162,7 @@ def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
         else:
             reference = outputs[Precision.FP32]
             agreement = np.mean(logits.argmax(1) == reference.argmax(1))
-            cosine = np.mean(
-                (logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1))
-            )
+            cosine = np.mean((logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1)))
             accuracy = f"agreement {100 * agreement:.1f}%, cosine {cosine:.5f}"
         for batch in BATCHES:
             latency = latencies[precision, batch]
@@ -191,9 +191,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(
-            f"{row.model:<10} {row.precision:<9} {row.batch:>5} {row.latency_ms:>11.3f} {row.ratio:>7.2f}x  {row.accuracy}"
-        )
+        print(f"{row.model:<10} {row.precision:<9} {row.batch:>5} {row.latency_ms:>11.3f} {row.ratio:>7.2f}x  {row.accuracy}")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,7 @@ def convert(spec, onnx_path: Path, precision, work: Path) -> Path:
     from trtforge.stages.convert_precision import convert_precision
 
     samples = np.random.default_rng(0).standard_normal((CALIBRATION_SAMPLES, *IMAGE_SHAPE)).astype(np.float32)
-    return convert_precision(
-        onnx_path, precision, {"images": samples}, spec.precision, spec=spec, cache_dir=work / "converted"
-    ).onnx_path
+    return convert_precision(onnx_path, precision, {"images": samples}, spec.precision, spec=spec, cache_dir=work / "converted").onnx_path
 
 
 def time_torch(module, batch: int, runs: int, warmup: int) -> dict[str, float]:
@@ -144,8 +142,16 @@ def bench_model(name: str, factory: str, arch: str, args) -> list[dict]:
         built = backend.build(converted, target, spec, work / precision, timing_cache=cache)
         with backend.load_runner(built.engine_path) as runner:
             (latency,) = runner.measure_latency(runs=args.runs, warmup=args.warmup)
-        rows.append({"model": name, "engine": f"tensorrt {precision}", "median_ms": latency.stats.median_ms,
-                     "p99_ms": latency.stats.p99_ms, "build_seconds": built.record["build_seconds"], "tag": built.tag})
+        rows.append(
+            {
+                "model": name,
+                "engine": f"tensorrt {precision}",
+                "median_ms": latency.stats.median_ms,
+                "p99_ms": latency.stats.p99_ms,
+                "build_seconds": built.record["build_seconds"],
+                "tag": built.tag,
+            }
+        )
 
     model = load_model(spec, spec.checkpoint).half().cuda().eval()
     print(f"[{name}] PyTorch eager fp16", flush=True)
@@ -174,8 +180,10 @@ def print_table(rows: list[dict], gpu: str) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<10} {r['engine']:<20} {r['median_ms']:>10.3f} {r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} "
-              f"{r['vs_eager']:>8.2f} {r['vs_compile']:>10.2f}")
+        print(
+            f"{r['model']:<10} {r['engine']:<20} {r['median_ms']:>10.3f} {r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} "
+            f"{r['vs_eager']:>8.2f} {r['vs_compile']:>10.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(bench_model(name, MODELS[name], arch, args))
     print_table(rows, f"{local.gpus[0].name} ({arch})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"gpu": local.gpus[0].name, "arch": arch, "driver": local.driver_version,
-              "tensorrt": probe_tensorrt().version, "batch": args.batch, "runs": args.runs, "rows": rows}
+    report = {
+        "gpu": local.gpus[0].name,
+        "arch": arch,
+        "driver": local.driver_version,
+        "tensorrt": probe_tensorrt().version,
+        "batch": args.batch,
+        "runs": args.runs,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {args.out}")
     return 0

@@ -152,7 +152,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"engine {result['size_mb']} MiB, parts of {result['part_size_mb']:g} MiB x{result['max_concurrency']}, median of {result['repeat']}")
+    print(
+        f"engine {result['size_mb']} MiB, parts of {result['part_size_mb']:g} MiB x{result['max_concurrency']}, median of {result['repeat']}"
+    )
     for name, seconds in result["seconds"].items():
         rate = result["mb_per_s"].get(name)
         print(f"  {name:15s} {seconds:8.3f} s" + (f"  {rate:8.1f} MiB/s" if rate else ""))

@@ -40,8 +40,13 @@ def build_target(
         reference_path = staging.get("reference.npz", work / "reference.npz", reference_sha256)
         reference = ReferenceResult(path=reference_path, key=reference_sha256, cached=True)
         outcome = build_and_gate_task(
-            spec, target, onnx_path, reference, work / "target",
-            PreviousRelease.model_validate(previous) if previous else None, registry,
+            spec,
+            target,
+            onnx_path,
+            reference,
+            work / "target",
+            PreviousRelease.model_validate(previous) if previous else None,
+            registry,
         )
         staging.put_outcome(target_slot(target_index), outcome)
     get_run_logger().info("build-target %s: %s, outcome staged", outcome.tag, outcome.status.value)

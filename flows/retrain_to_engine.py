@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -56,8 +56,13 @@ def previous_release(registry, model: str, tag: str, alias: str | None = None) -
 
 def _unavailable(target: Target, tag: str, reason: str, details: tuple[str, ...]) -> TargetOutcome:
     return TargetOutcome(
-        tag=tag, backend=target.backend.value, precision=target.precision.value, required=target.required,
-        status=TargetStatus.UNAVAILABLE, reason=reason, notes=list(details),
+        tag=tag,
+        backend=target.backend.value,
+        precision=target.precision.value,
+        required=target.required,
+        status=TargetStatus.UNAVAILABLE,
+        reason=reason,
+        notes=list(details),
     )
 
 
@@ -87,7 +92,9 @@ def _validate_calibration(spec: ModelSpec, run_dir: Path, summary: RunSummary) -
     if not any(t.precision.needs_calibration for t in spec.targets):
         return None
     if spec.calibration is None:
-        raise CalibrationError("validate-calibration", "int8/fp8 targets need a 'calibration' section in the spec naming the calibration data")
+        raise CalibrationError(
+            "validate-calibration", "int8/fp8 targets need a 'calibration' section in the spec naming the calibration data"
+        )
     report = validate_calibration_task(spec, run_dir / "calibration")
     summary.calibration = {**report.summary(), "sha256": report.sha256, "data_docs": str(report.data_docs) if report.data_docs else None}
     if not report.passed:
@@ -108,7 +115,7 @@ def retrain_to_engine(
     uri = registry_uri(spec, registry)
     store = open_registry(uri)
     artifacts = Path(artifacts_dir).resolve()
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     run_id = started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     run_dir = artifacts / "runs" / spec.name / run_id
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
@@ -168,15 +175,30 @@ def retrain_to_engine(
         if target.precision not in converted:
             result = convert_precision_task(spec, simplified.onnx_path, target.precision, artifacts / "cache" / spec.name / "precision")
             converted[target.precision] = result.onnx_path
-            summary.conversions.append(result.model_dump(mode="json", include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"}))
+            summary.conversions.append(
+                result.model_dump(
+                    mode="json",
+                    include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"},
+                )
+            )
         previous = previous_release(store, spec.name, tag, spec.compare_alias)
         if route.kind is RouteKind.LOCAL:
             pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous, uri))
         else:
-            pending.append(build_on_worker_task.submit(
-                route.deployment, spec_path, spec.name, index, uri, run_id, converted[target.precision], reference,
-                work_dir / f"remote-{index}", previous,
-            ))
+            pending.append(
+                build_on_worker_task.submit(
+                    route.deployment,
+                    spec_path,
+                    spec.name,
+                    index,
+                    uri,
+                    run_id,
+                    converted[target.precision],
+                    reference,
+                    work_dir / f"remote-{index}",
+                    previous,
+                )
+            )
     outcomes += [future.result() for future in pending]
     Staging(store, spec.name, run_id).clear()
     summary.targets = outcomes
@@ -205,7 +227,11 @@ def retrain_to_engine(
         "compatibility": summary.compatibility,
         "calibration": summary.calibration,
         "conversions": summary.conversions,
-        "left_out": [o.model_dump(mode="json", include={"tag", "status", "reason", "required"}) for o in outcomes if o.status is not TargetStatus.PASSED],
+        "left_out": [
+            o.model_dump(mode="json", include={"tag", "status", "reason", "required"})
+            for o in outcomes
+            if o.status is not TargetStatus.PASSED
+        ],
     }
     version = publish_task(spec, uri, outcomes, lineage, extra)
     timed("publish", started, f"version {version}")

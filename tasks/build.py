@@ -4,8 +4,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from trtforge.spec import ModelSpec, Target
 from trtforge.registry import open_registry
+from trtforge.spec import ModelSpec, Target
 from trtforge.stages.build import build_with_shared_timing_cache
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.reference import ReferenceResult

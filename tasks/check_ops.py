@@ -13,7 +13,11 @@ def check_ops_task(onnx_path: Path, plugins: list[str], tensorrt_version: str | 
     logger = get_run_logger()
     logger.info(
         "check-ops (%s, TensorRT %s): %d nodes, %d unsupported, %d conditional",
-        report.source, report.tensorrt_version, len(report.nodes), len(report.unsupported), len(report.conditional),
+        report.source,
+        report.tensorrt_version,
+        len(report.nodes),
+        len(report.unsupported),
+        len(report.conditional),
     )
     for node in report.unsupported:
         logger.error("check-ops: %s (%s) unsupported: %s; fix: %s", node.name, node.op_type, node.reason, node.fix)

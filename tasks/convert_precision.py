@@ -24,6 +24,10 @@ def convert_precision_task(spec: ModelSpec, onnx_path: Path, precision: Precisio
     )
     get_run_logger().info(
         "convert-precision %s: %s, %d Q/DQ nodes, %.1f s%s",
-        precision.value, result.method, result.qdq_node_count, result.seconds, " (cached)" if result.cached else "",
+        precision.value,
+        result.method,
+        result.qdq_node_count,
+        result.seconds,
+        " (cached)" if result.cached else "",
     )
     return result

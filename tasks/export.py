@@ -15,6 +15,9 @@ def export_task(spec: ModelSpec, checkpoint: CheckpointResult, work_dir: Path) -
     result = export_onnx(spec, checkpoint.path, work_dir)
     get_run_logger().info(
         "export: opset %d, %d nodes, max |onnx - torch| %.2g, %.1f s",
-        result.opset, result.node_count, max(result.max_abs_diff.values()), result.seconds,
+        result.opset,
+        result.node_count,
+        max(result.max_abs_diff.values()),
+        result.seconds,
     )
     return result

@@ -69,5 +69,8 @@ def build_on_worker_task(
     )
     if not flow_run.state or not flow_run.state.is_completed():
         state = flow_run.state
-        raise StageError("build", f"deployment {deployment} run {flow_run.name} ended {state.name if state else 'without a state'}: {state.message if state else ''}")
+        raise StageError(
+            "build",
+            f"deployment {deployment} run {flow_run.name} ended {state.name if state else 'without a state'}: {state.message if state else ''}",
+        )
     return staging.get_outcome(target_slot(target_index), work_dir)

@@ -15,6 +15,9 @@ def simplify_task(spec: ModelSpec, exported: ExportResult, work_dir: Path) -> Si
     result = simplify_onnx(spec, exported.onnx_path, work_dir)
     get_run_logger().info(
         "simplify: %d -> %d nodes, max |simplified - exported| %.2g, %.1f s",
-        result.nodes_before, result.nodes_after, max(result.max_abs_diff.values()), result.seconds,
+        result.nodes_before,
+        result.nodes_after,
+        max(result.max_abs_diff.values()),
+        result.seconds,
     )
     return result

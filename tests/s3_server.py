@@ -148,10 +148,9 @@ class SeaweedFS:
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready once a bucket can be created and written: the volume server has registered with the master."""
+        import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
-
-        import boto3
 
         client = boto3.client(
             "s3",
@@ -175,7 +174,9 @@ class SeaweedFS:
             except (BotoCoreError, ClientError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"weed server did not become ready within {timeout:.0f} s (logs in {self.workdir / 'logs'})") from None
+                    raise RuntimeError(
+                        f"weed server did not become ready within {timeout:.0f} s (logs in {self.workdir / 'logs'})"
+                    ) from None
                 time.sleep(0.25)
 
     def stop(self, grace: float = 1.0) -> None:

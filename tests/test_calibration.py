@@ -212,9 +212,7 @@ def test_fault_details_say_what_is_wrong(digits_spec, shipped, tmp_path):
 
     missing_images, missing_labels = _missing_class(images, labels)
     np.savez(tmp_path / "missing.npz", input=missing_images, labels=missing_labels)
-    missing = failure(
-        validate_calibration(digits_spec, tmp_path / "missing.npz"), "expect_column_distinct_values_to_contain_set", "label"
-    )
+    missing = failure(validate_calibration(digits_spec, tmp_path / "missing.npz"), "expect_column_distinct_values_to_contain_set", "label")
     assert "classes [3] have no samples" in missing.details
 
 

@@ -177,9 +177,7 @@ def slice_model(tmp_path, axes_from: str) -> Path:
     if axes_from == "graph input":
         inputs.append(tensor("axes", INT64, [1]))
     elif axes_from == "Constant node":
-        nodes.append(
-            helper.make_node("Constant", [], ["axes"], name="axes_const", value=initializer("v", [1], np.int64))
-        )
+        nodes.append(helper.make_node("Constant", [], ["axes"], name="axes_const", value=initializer("v", [1], np.int64)))
     else:
         inits.append(initializer("axes_init", [1], np.int64))
         nodes.append(helper.make_node("Identity", ["axes_init"], ["axes"], name="axes_identity"))
@@ -498,9 +496,7 @@ def test_data_file_is_what_the_generator_writes_from_the_published_table():
     data = json.loads((REPO / "trtforge" / "data" / "tensorrt_onnx_ops_10.1.json").read_text())
     assert data["tensorrt_version"] == "10.1" and (data["opset_min"], data["opset_max"]) == (9, 20)
     assert data["operators"]["Unique"]["supported"] is False
-    assert {"kind": "initializer_input", "input": "axes"} in [
-        r["check"] for r in data["operators"]["Slice"]["restrictions"]
-    ]
+    assert {"kind": "initializer_input", "input": "axes"} in [r["check"] for r in data["operators"]["Slice"]["restrictions"]]
 
 
 def test_table_versions(tmp_path):
@@ -516,9 +512,7 @@ def test_table_versions(tmp_path):
 
 def test_raise_if_unsupported_lists_each_node_with_reason_and_fix(tmp_path):
     report = static(custom_op_model(tmp_path))
-    with pytest.raises(
-        CompatibilityError, match=r"(?s)fancy \[com.example::FancyNorm\]: .*domain 'com.example'.*fix: "
-    ):
+    with pytest.raises(CompatibilityError, match=r"(?s)fancy \[com.example::FancyNorm\]: .*domain 'com.example'.*fix: "):
         report.raise_if_unsupported()
     assert json.loads(report.model_dump_json())["summary"]["unsupported"] == 1
 
@@ -545,10 +539,7 @@ def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_f
     merged, notes = merge_parser_result(result, parsed=False, errors=errors, plugins=[])
     verdicts = {n.name: n for n in merged}
     assert verdicts["first"].status == "supported"
-    assert (
-        verdicts["fancy"].status == "unsupported"
-        and verdicts["fancy"].reason == "TensorRT's parser: no importer for FancyNorm"
-    )
+    assert verdicts["fancy"].status == "unsupported" and verdicts["fancy"].reason == "TensorRT's parser: no importer for FancyNorm"
     assert verdicts["dedupe"].status == "unsupported" and "not imported" in verdicts["dedupe"].reason
     assert verdicts["last"].status == "supported" and "not imported" in verdicts["last"].reason
     assert verdicts["(model)"].reason == "TensorRT's parser: input x has an unsupported type"

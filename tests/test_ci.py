@@ -31,16 +31,25 @@ def outcome(tag: str, status: TargetStatus, required: bool = True, **fields) -> 
 
 def passed(tag: str = FP32, **fields) -> TargetOutcome:
     return outcome(
-        tag, TargetStatus.PASSED, metrics={"accuracy": 0.9889, "agreement": 1.0}, thresholds={"min_accuracy": 0.95},
-        record={"build_seconds": 0.25}, **fields,
+        tag,
+        TargetStatus.PASSED,
+        metrics={"accuracy": 0.9889, "agreement": 1.0},
+        thresholds={"min_accuracy": 0.95},
+        record={"build_seconds": 0.25},
+        **fields,
     )
 
 
 def gate_failed(tag: str = INT8, required: bool = True) -> TargetOutcome:
     failures = ["top-1 accuracy 0.4100 < threshold 0.9500", "mean cosine similarity to the FP32 reference 0.9100 < threshold 0.9800"]
     return outcome(
-        tag, TargetStatus.FAILED, required=required, reason="; ".join(failures), failures=failures,
-        metrics={"accuracy": 0.41, "cosine_mean": 0.91}, thresholds={"min_accuracy": 0.95, "min_cosine": 0.98},
+        tag,
+        TargetStatus.FAILED,
+        required=required,
+        reason="; ".join(failures),
+        failures=failures,
+        metrics={"accuracy": 0.41, "cosine_mean": 0.91},
+        thresholds={"min_accuracy": 0.95, "min_cosine": 0.98},
     )
 
 
@@ -91,7 +100,10 @@ def test_failed_required_gate_is_a_failure_carrying_every_reason():
     assert not ci_passed(run)
     failure = cases[INT8].find("failure")
     assert failure.get("type") == "gate"
-    assert failure.get("message") == "top-1 accuracy 0.4100 < threshold 0.9500; mean cosine similarity to the FP32 reference 0.9100 < threshold 0.9800"
+    assert (
+        failure.get("message")
+        == "top-1 accuracy 0.4100 < threshold 0.9500; mean cosine similarity to the FP32 reference 0.9100 < threshold 0.9800"
+    )
     assert "gate: top-1 accuracy 0.4100 < threshold 0.9500" in failure.text
     assert "thresholds: min_accuracy=0.95, min_cosine=0.98" in failure.text
     assert cases["publish"].find("failure").get("message") == "not published: see targets"
@@ -117,7 +129,9 @@ def test_required_target_without_a_worker_fails_as_unavailable():
 
 
 def test_up_to_date_run_passes_with_the_version_it_already_has():
-    run = RunSummary(model="digits-cnn", registry="s3://engines/prod", version=7, up_to_date=True, passed=True, message="up to date: version 7")
+    run = RunSummary(
+        model="digits-cnn", registry="s3://engines/prod", version=7, up_to_date=True, passed=True, message="up to date: version 7"
+    )
     _, cases = parse(junit_xml(run))
     assert ci_passed(run)
     assert list(cases) == ["publish"]

@@ -146,7 +146,9 @@ def test_second_call_is_a_cache_hit_without_recalibrating(
     assert again.cache_key == digits_int8.cache_key
 
 
-def test_cache_key_follows_calibration_digest_and_options(digits_onnx, digits_spec, digits_calibration, precision_cache, digits_int8, monkeypatch):
+def test_cache_key_follows_calibration_digest_and_options(
+    digits_onnx, digits_spec, digits_calibration, precision_cache, digits_int8, monkeypatch
+):
     _forbid_conversion(monkeypatch)
     for changed in (
         {"calibration_sha256": "a-different-calibration-set"},
@@ -216,9 +218,7 @@ def test_fp8_is_a_valid_model_with_fp8_qdq(digits_onnx, digits_spec, digits_cali
     onnx.checker.check_model(str(result.onnx_path), full_check=True)
     model = onnx.load(result.onnx_path)
     initializers = {i.name: i for i in model.graph.initializer}
-    zero_point_types = {
-        initializers[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-    }
+    zero_point_types = {initializers[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
     assert zero_point_types == {TensorProto.FLOAT8E4M3FN}
     assert result.qdq_node_count > 0 and result.quantized_op_types
 
@@ -259,7 +259,9 @@ def test_mismatched_calibration_fails_before_calibration(digits_onnx, digits_spe
 @pytest.mark.parametrize("precision", [Precision.INT8, Precision.FP8])
 def test_quantization_without_calibration_data_fails_clearly(digits_onnx, digits_spec, tmp_path, monkeypatch, precision):
     _forbid_conversion(monkeypatch)
-    with pytest.raises(StageError, match=f"{precision.value} conversion of .*model.sim.onnx needs calibration data: add a 'calibration' section"):
+    with pytest.raises(
+        StageError, match=f"{precision.value} conversion of .*model.sim.onnx needs calibration data: add a 'calibration' section"
+    ):
         convert_precision(digits_onnx, precision, None, PrecisionOptions(), spec=digits_spec, cache_dir=tmp_path)
 
 
@@ -268,7 +270,10 @@ def test_quantization_without_calibration_data_fails_clearly(digits_onnx, digits
     [
         (PrecisionOptions(exclude_op_types=["conv"]), "precision.exclude_op_types lists \\['conv'\\], which are not ONNX operator types"),
         (PrecisionOptions(exclude_nodes=["no_such_node"]), "precision.exclude_nodes pattern 'no_such_node' matches no node of"),
-        (PrecisionOptions(exclude_nodes=["node_(Conv"]), "precision.exclude_nodes pattern 'node_\\(Conv' is not a valid regular expression"),
+        (
+            PrecisionOptions(exclude_nodes=["node_(Conv"]),
+            "precision.exclude_nodes pattern 'node_\\(Conv' is not a valid regular expression",
+        ),
     ],
 )
 def test_bad_exclusion_lists_fail_before_calibration(digits_onnx, digits_spec, digits_calibration, tmp_path, monkeypatch, options, message):
@@ -280,7 +285,9 @@ def test_bad_exclusion_lists_fail_before_calibration(digits_onnx, digits_spec, d
 def test_spec_that_does_not_describe_the_model_fails(digits_onnx, digits_spec, digits_calibration, tmp_path):
     renamed = digits_spec.model_copy(update={"inputs": [digits_spec.inputs[0].model_copy(update={"name": "pixels"})]})
     with pytest.raises(StageError, match="has inputs \\['input'\\] that spec 'digits-cnn' does not declare"):
-        convert_precision(digits_onnx, Precision.INT8, {"pixels": digits_calibration["input"]}, PrecisionOptions(), spec=renamed, cache_dir=tmp_path)
+        convert_precision(
+            digits_onnx, Precision.INT8, {"pixels": digits_calibration["input"]}, PrecisionOptions(), spec=renamed, cache_dir=tmp_path
+        )
 
 
 def _spec(name: str, shape: list, dynamic: dict | None = None, output: str = "logits") -> ModelSpec:
@@ -328,6 +335,7 @@ def test_model_modelopt_cannot_convert_fails_with_its_reason_and_node(tmp_path):
 
 
 # --- torchvision models with random weights (exported once per session by tests/model_zoo.py) --------
+
 
 def _zoo_spec(name: str, max_batch: int = 16) -> ModelSpec:
     return _spec(name, ["batch", 3, 224, 224], {"batch": {"min": 1, "opt": 4, "max": max_batch}})

@@ -95,7 +95,9 @@ def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
 
 def test_required_target_failing_publishes_nothing(tmp_path, digits_checkpoint):
     spec = write_spec(tmp_path / "spec", digits_checkpoint, gate={"min_accuracy": 0.9999})
-    with pytest.raises(RunFailed, match=r"not published: ort.*-cpu-fp32-b1_32_128 failed: top-1 accuracy 0\.\d+ < threshold 0\.9999") as caught:
+    with pytest.raises(
+        RunFailed, match=r"not published: ort.*-cpu-fp32-b1_32_128 failed: top-1 accuracy 0\.\d+ < threshold 0\.9999"
+    ) as caught:
         run_flow(spec, tmp_path)
     assert caught.value.summary.targets[0].status.value == "failed"
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
@@ -116,8 +118,19 @@ def test_unavailable_optional_target_is_reported_and_the_rest_published(tmp_path
 
 def test_given_checkpoint_is_used_and_cli_prints_json(tmp_path, digits_checkpoint):
     spec = write_spec(tmp_path / "spec", tmp_path / "never-written.safetensors", train=None)
-    args = ["run", str(spec), "--checkpoint", str(digits_checkpoint), "--registry", f"file://{tmp_path / 'registry'}",
-            "--artifacts", str(tmp_path / "artifacts"), "--json", "--summary", str(tmp_path / "summary.md")]
+    args = [
+        "run",
+        str(spec),
+        "--checkpoint",
+        str(digits_checkpoint),
+        "--registry",
+        f"file://{tmp_path / 'registry'}",
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+        "--json",
+        "--summary",
+        str(tmp_path / "summary.md"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -149,7 +162,10 @@ def served_build_target(tmp_path):
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-c", "from flows.build_target import build_target; build_target.serve(name='test-builders')"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
@@ -187,9 +203,15 @@ def test_target_with_a_work_pool_is_built_by_the_served_build_target_deployment(
 
 
 def test_required_target_without_worker_fails_the_run(tmp_path, digits_checkpoint):
-    targets = [{"backend": "onnxruntime", "precision": "fp32"}, {"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": True}]
+    targets = [
+        {"backend": "onnxruntime", "precision": "fp32"},
+        {"backend": "tensorrt", "device": "gpu", "arch": "sm_90", "precision": "fp16", "required": True},
+    ]
     spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=targets)
-    with pytest.raises(RunFailed, match=r"trt.*-sm90-fp16-b1_32_128 unavailable: no GPU worker for sm_90: start a worker on pool gpu-sm90, or remove the target"):
+    with pytest.raises(
+        RunFailed,
+        match=r"trt.*-sm90-fp16-b1_32_128 unavailable: no GPU worker for sm_90: start a worker on pool gpu-sm90, or remove the target",
+    ):
         run_flow(spec, tmp_path)
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
 

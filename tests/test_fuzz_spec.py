@@ -25,20 +25,15 @@ YAML_SYNTAX = "abc019.-_ :,[]{}&*!|>'\"#%@`?\n\t"
 
 # Every kind of value yaml.safe_load can produce.
 yaml_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.text(max_size=12)
-    | st.binary(max_size=8)
-    | st.dates()
-    | st.datetimes()
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.binary(max_size=8) | st.dates() | st.datetimes()
 )
 yaml_values = st.recursive(
     yaml_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers() | st.none(), children, max_size=4)
-    | st.frozensets(st.text(max_size=4), max_size=3).map(set),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers() | st.none(), children, max_size=4)
+        | st.frozensets(st.text(max_size=4), max_size=3).map(set)
+    ),
     max_leaves=16,
 )
 

@@ -204,8 +204,20 @@ def stack(prefect_server, digits_checkpoint):
             built = Stack(root, api, env)
             built.incoming.mkdir()
             deploy = subprocess.run(
-                [str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", str(_deploy_override(built)), "--name", "retrain-to-engine-scheduled"],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+                [
+                    str(BIN / "prefect"),
+                    "--no-prompt",
+                    "deploy",
+                    "--prefect-file",
+                    str(_deploy_override(built)),
+                    "--name",
+                    "retrain-to-engine-scheduled",
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=240,
             )
             assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
@@ -257,9 +269,7 @@ def run_log(flow_run_id) -> str:
 
 
 def trtforge_ci(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "trtforge"), "ci", *args], cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=400
-    )
+    return subprocess.run([str(BIN / "trtforge"), "ci", *args], cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=400)
 
 
 def junit_cases(path: Path) -> dict[str, ElementTree.Element]:
@@ -294,6 +304,7 @@ def test_interval_schedule_fires_a_run(stack):
         assert not schedule.active, "the test override deploys the schedule paused"
         client.update_deployment_schedule(deployment.id, schedule.id, active=True)
     try:
+
         def scheduled_run():
             from prefect.client.schemas.filters import (
                 DeploymentFilter,
@@ -327,8 +338,19 @@ def test_ci_on_the_deployment_publishes_the_digits_example(stack, digits_checkpo
     registry = stack.fresh_registry()
     summary, junit = stack.root / "ci-pass" / "summary.md", stack.root / "ci-pass" / "junit.xml"
     result = trtforge_ci(
-        stack, "--spec", str(stack.spec), "--checkpoint", str(digits_checkpoint), "--deployment", "retrain-to-engine-scheduled",
-        "--registry", registry, "--summary", str(summary), "--junit", str(junit),
+        stack,
+        "--spec",
+        str(stack.spec),
+        "--checkpoint",
+        str(digits_checkpoint),
+        "--deployment",
+        "retrain-to-engine-scheduled",
+        "--registry",
+        registry,
+        "--summary",
+        str(summary),
+        "--junit",
+        str(junit),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "published version 1" in result.stdout
@@ -359,8 +381,19 @@ def test_ci_on_the_deployment_with_a_degraded_checkpoint_fails_and_publishes_not
     degraded = degrade(digits_checkpoint, stack.root / "degraded.safetensors")
     summary, junit = stack.root / "ci-fail" / "summary.md", stack.root / "ci-fail" / "junit.xml"
     result = trtforge_ci(
-        stack, "--spec", str(stack.spec), "--checkpoint", str(degraded), "--deployment", "retrain-to-engine-scheduled",
-        "--registry", registry, "--summary", str(summary), "--junit", str(junit),
+        stack,
+        "--spec",
+        str(stack.spec),
+        "--checkpoint",
+        str(degraded),
+        "--deployment",
+        "retrain-to-engine-scheduled",
+        "--registry",
+        registry,
+        "--summary",
+        str(summary),
+        "--junit",
+        str(junit),
     )
     assert result.returncode == 1, result.stdout + result.stderr
     cases = junit_cases(junit)

@@ -131,7 +131,9 @@ def test_missing_model_version_and_alias_are_named(registry_uri, tmp_path):
         (lambda r, t: r.publish(MODEL, [make_target(t, b"x", tag="x/../../y")], lineage={}, environment={}), "invalid target tag"),
         (lambda r, t: r.publish(MODEL, [make_target(t, b"x")], lineage={}, environment={}, aliases=["../x"]), "invalid alias"),
         (
-            lambda r, t: r.publish(MODEL, [TargetArtifacts(TAG, {}, {"../engine": make_target(t, b"x").files["engine"]})], lineage={}, environment={}),
+            lambda r, t: r.publish(
+                MODEL, [TargetArtifacts(TAG, {}, {"../engine": make_target(t, b"x").files["engine"]})], lineage={}, environment={}
+            ),
             "invalid file name '../engine'",
         ),
         (lambda r, t: r.publish(MODEL, [TargetArtifacts(TAG, {}, {"engine": t / "absent"})], lineage={}, environment={}), "does not exist"),

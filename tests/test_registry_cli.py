@@ -38,10 +38,14 @@ def test_commands_on_a_registry_from_the_environment(tmp_path, monkeypatch):
     assert json.loads(invoke("show", MODEL, "1", "--json")) == registry.manifest(MODEL, 1).model_dump(mode="json")
     assert registry.manifest(MODEL, 2).targets[TAG].files["engine"].sha256 in invoke("show", MODEL, "2")
 
-    pulled = json.loads(invoke("pull", MODEL, "--version", "1", "-o", str(tmp_path / "deploy"), "--cache-dir", str(tmp_path / "cache"), "--json"))
+    pulled = json.loads(
+        invoke("pull", MODEL, "--version", "1", "-o", str(tmp_path / "deploy"), "--cache-dir", str(tmp_path / "cache"), "--json")
+    )
     assert (pulled["version"], pulled["tag"], pulled["cached"]) == (1, TAG, False)
     assert Path(pulled["path"]).read_bytes() == b"engine 1"
-    assert "from the local cache" in invoke("pull", MODEL, "--target", TAG, "--version", "1", "-o", str(tmp_path / "deploy"), "--cache-dir", str(tmp_path / "cache"))
+    assert "from the local cache" in invoke(
+        "pull", MODEL, "--target", TAG, "--version", "1", "-o", str(tmp_path / "deploy"), "--cache-dir", str(tmp_path / "cache")
+    )
 
     assert "prod -> version 1" in invoke("promote", MODEL, "1", "--alias", "prod")
     assert registry.aliases(MODEL) == {"latest": 2, "prod": 1}
@@ -60,7 +64,9 @@ def test_default_registry_is_artifacts_registry_under_the_working_directory(tmp_
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from trtforge.cli import main; main()", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", "from trtforge.cli import main; main()", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
@@ -91,7 +97,9 @@ def test_puller_runs_with_the_core_install_only(tmp_path):
         "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'prefect', 'tensorrt', 'modelopt') if m in sys.modules]\n"
         "print(json.dumps(heavy))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "deploy" / "engine").read_bytes() == b"engine v1"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def manifest_of(targets: list[tuple[str, dict]]) -> Manifest:
     return Manifest(
         model=MODEL,
         version=1,
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
         lineage=lineage(),
         environment=ENVIRONMENT,
         targets={tag: TargetEntry(tag=tag, record=record, files={"engine": file}) for tag, record in targets},
@@ -84,7 +84,11 @@ def test_the_best_fitting_engine_is_chosen(request_, chosen):
         ({"arch": "sm_75"}, NotFoundError, "no engine of resnet50 version 1 runs on sm_75"),
         ({"arch": "sm_90", "precision": "fp8"}, NotFoundError, "has no target with precision fp8"),
         ({"tag": "trt10.3-sm90-fp8-b1_8_32"}, NotFoundError, "has no target 'trt10.3-sm90-fp8-b1_8_32'; its targets: trt10.3-sm90-fp16"),
-        ({"arch": "sm_90"}, RegistryError, "has 2 targets that fit sm_90: trt10.3-sm90-fp16-b1_8_32 (tensorrt 10.3.0 sm_90 fp16), trt10.3-sm90-int8"),
+        (
+            {"arch": "sm_90"},
+            RegistryError,
+            "has 2 targets that fit sm_90: trt10.3-sm90-fp16-b1_8_32 (tensorrt 10.3.0 sm_90 fp16), trt10.3-sm90-int8",
+        ),
         ({}, RegistryError, "has 5 targets that fit: "),
     ],
 )
@@ -115,7 +119,9 @@ def test_tensorrt_version_mismatch_names_both_versions_and_what_fits():
         choose_target(manifest, arch="sm_90", precision="int8", local_tensorrt="10.0.0")
 
 
-@pytest.mark.parametrize("given, expected", [("sm_90", "sm_90"), ("sm90", "sm_90"), ("9.0", "sm_90"), ("8.6", "sm_86"), ("SM_120", "sm_120"), ("121", "sm_121")])
+@pytest.mark.parametrize(
+    "given, expected", [("sm_90", "sm_90"), ("sm90", "sm_90"), ("9.0", "sm_90"), ("8.6", "sm_86"), ("SM_120", "sm_120"), ("121", "sm_121")]
+)
 def test_architectures_are_normalised(given, expected):
     assert normalize_arch(given) == expected
 

@@ -142,7 +142,9 @@ def test_unfinished_multipart_uploads_are_listed_and_aborted(s3_registry_uri, se
     store = open_store(s3_registry_uri)
     client = seaweedfs.client()
     started = client.create_multipart_upload(Bucket=store.bucket, Key=f"{store.prefix}/m/versions/3/t/engine")
-    client.upload_part(Bucket=store.bucket, Key=f"{store.prefix}/m/versions/3/t/engine", UploadId=started["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    client.upload_part(
+        Bucket=store.bucket, Key=f"{store.prefix}/m/versions/3/t/engine", UploadId=started["UploadId"], PartNumber=1, Body=b"x" * 1024
+    )
     pending = store.pending_uploads("m/")
     assert [(p.key, p.upload_id) for p in pending] == [("m/versions/3/t/engine", started["UploadId"])]
     store.abort_upload(pending[0])

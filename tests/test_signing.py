@@ -233,7 +233,9 @@ def test_tampered_version_refuses_the_pull_with_the_reason(registry_uri, tmp_pat
     tamper(registry, registry_uri, request, keys, tmp_path)
 
     with pytest.raises(error, match=reason) as refused:
-        registry.pull(MODEL, tmp_path / "deploy", version=1, cache_dir=tmp_path / "cache", require_signature=True, trust=keys["publisher"].trust)
+        registry.pull(
+            MODEL, tmp_path / "deploy", version=1, cache_dir=tmp_path / "cache", require_signature=True, trust=keys["publisher"].trust
+        )
     assert "nothing was written" in str(refused.value)
     assert_nothing_fetched(tmp_path)
 
@@ -283,7 +285,9 @@ def test_environment_signs_publishes_and_requires_signatures_on_pull(tmp_path, k
 
     result = runner.invoke(app, ["pull", MODEL, "-o", str(tmp_path / "cli"), "--registry", uri, "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 1 and isinstance(result.exception, SignatureError)
-    text = runner.invoke(app, ["pull", MODEL, "--version", "1", "-o", str(tmp_path / "cli"), "--registry", uri, "--cache-dir", str(tmp_path / "cache")])
+    text = runner.invoke(
+        app, ["pull", MODEL, "--version", "1", "-o", str(tmp_path / "cli"), "--registry", uri, "--cache-dir", str(tmp_path / "cache")]
+    )
     assert text.exit_code == 0 and f"signature verified with the trusted key {keys['encrypted'].public}" in text.stdout
 
 
@@ -339,8 +343,14 @@ def test_pull_with_signature_needs_only_the_core_install(tmp_path, keys):
         (lambda k, t: KeySigner(t / "absent.pem"), "cannot read the signing key .*absent.pem: No such file"),
         (lambda k, t: KeySigner(k["rsa"].private), "signing key .*rsa.pem is a RSAPrivateKey key, but signatures use elliptic-curve keys"),
         (lambda k, t: KeySigner(k["publisher"].public), "signing key .*publisher.pub is not a PEM private key"),
-        (lambda k, t: KeySigner(k["encrypted"].private), "Password was not given but private key is encrypted; set TRTFORGE_SIGNING_KEY_PASSWORD"),
-        (lambda k, t: KeySigner(k["encrypted"].private, password="wrong"), "is not a PEM private key, or TRTFORGE_SIGNING_KEY_PASSWORD is wrong"),
+        (
+            lambda k, t: KeySigner(k["encrypted"].private),
+            "Password was not given but private key is encrypted; set TRTFORGE_SIGNING_KEY_PASSWORD",
+        ),
+        (
+            lambda k, t: KeySigner(k["encrypted"].private, password="wrong"),
+            "is not a PEM private key, or TRTFORGE_SIGNING_KEY_PASSWORD is wrong",
+        ),
     ],
     ids=["missing key", "rsa key", "public key", "no password", "wrong password"],
 )
@@ -377,7 +387,14 @@ def test_contradictory_signing_environment_is_refused(tmp_path, monkeypatch, var
         ({}, {"TRTFORGE_REQUIRE_SIGNATURE": "yes", "TRTFORGE_TRUSTED_IDENTITY": "ci@example.org"}, "needs both TRTFORGE_TRUSTED_IDENTITY"),
         ({}, {"TRTFORGE_REQUIRE_SIGNATURE": "2"}, "TRTFORGE_REQUIRE_SIGNATURE='2' is neither on nor off"),
     ],
-    ids=["no trusted key", "no trusted key from environment", "private key as trusted key", "rsa trusted key", "half a Sigstore identity", "bad flag"],
+    ids=[
+        "no trusted key",
+        "no trusted key from environment",
+        "private key as trusted key",
+        "rsa trusted key",
+        "half a Sigstore identity",
+        "bad flag",
+    ],
 )
 def test_bad_trust_configuration_is_refused_before_the_pull(tmp_path, keys, monkeypatch, pull_arguments, variables, problem):
     registry = open_registry(f"file://{tmp_path / 'registry'}")

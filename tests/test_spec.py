@@ -1,11 +1,9 @@
-
 import pytest
 import yaml
 
+from tests.conftest import DIGITS_SPEC
 from trtforge.errors import SpecError
 from trtforge.spec import Precision, load_spec, parse_spec
-
-from tests.conftest import DIGITS_SPEC
 
 
 def digits_data() -> dict:

@@ -181,7 +181,9 @@ def test_onnxruntime_engine_passes_the_gate(digits_spec, digits_checkpoint, digi
     backend, built = digits_engine
     assert built.tag.startswith("ort1.") and built.tag.endswith("-cpu-fp32-b1_32_128")
     reference = load_reference(reference_outputs(digits_spec, digits_checkpoint, tmp_path))
-    result = gate_target(digits_spec, digits_spec.targets[0], built.tag, backend.load_runner(built.engine_path), load_eval_set(digits_spec), reference)
+    result = gate_target(
+        digits_spec, digits_spec.targets[0], built.tag, backend.load_runner(built.engine_path), load_eval_set(digits_spec), reference
+    )
     assert result.passed, result.failures
     assert result.metrics["accuracy"] > 0.95
     assert result.metrics["agreement"] >= 0.999
@@ -199,12 +201,17 @@ def test_degraded_checkpoint_fails_with_metric_threshold_and_reference(digits_sp
     """Weights perturbed after export: the engine no longer agrees with the reference."""
     state = load_file(str(digits_checkpoint))
     generator = torch.Generator().manual_seed(0)
-    noisy = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=generator) if v.dtype.is_floating_point and v.ndim > 1 else v for k, v in state.items()}
+    noisy = {
+        k: v + 0.5 * v.std() * torch.randn(v.shape, generator=generator) if v.dtype.is_floating_point and v.ndim > 1 else v
+        for k, v in state.items()
+    }
     degraded = tmp_path / "degraded.safetensors"
     save_file(noisy, str(degraded))
     backend, built = digits_engine
     reference = load_reference(reference_outputs(digits_spec, degraded, tmp_path))
-    result = gate_target(digits_spec, digits_spec.targets[0], built.tag, backend.load_runner(built.engine_path), load_eval_set(digits_spec), reference)
+    result = gate_target(
+        digits_spec, digits_spec.targets[0], built.tag, backend.load_runner(built.engine_path), load_eval_set(digits_spec), reference
+    )
     assert not result.passed
     assert any(f.startswith("top-1 agreement with the FP32 reference") and "< threshold 0.9990" in f for f in result.failures)
 
@@ -213,7 +220,15 @@ def test_regression_against_previous_release_is_caught(digits_spec, digits_check
     backend, built = digits_engine
     reference = load_reference(reference_outputs(digits_spec, digits_checkpoint, tmp_path))
     previous = PreviousRelease(version=3, metrics={"accuracy": 1.0})
-    result = gate_target(digits_spec, digits_spec.targets[0], built.tag, backend.load_runner(built.engine_path), load_eval_set(digits_spec), reference, previous)
+    result = gate_target(
+        digits_spec,
+        digits_spec.targets[0],
+        built.tag,
+        backend.load_runner(built.engine_path),
+        load_eval_set(digits_spec),
+        reference,
+        previous,
+    )
     assert not result.passed
     assert result.metrics["agreement"] == 1.0, "the FP32 comparison itself passes"
     assert any("regressed from 1.0000 in version 3" in f for f in result.failures)

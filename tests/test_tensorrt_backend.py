@@ -90,16 +90,30 @@ def test_default_profile_is_the_inputs_dynamic_range(digits_spec):
 def test_one_profile_per_target_profile_each_covering_every_input():
     data = spec_data(
         inputs=[
-            {"name": "tokens", "dtype": "int64", "shape": ["batch", "seq"],
-             "dynamic": {"batch": {"min": 1, "opt": 8, "max": 64}, "seq": {"min": 16, "opt": 128, "max": 512}}},
-            {"name": "mask", "dtype": "int64", "shape": ["batch", "seq"],
-             "dynamic": {"batch": {"min": 1, "opt": 8, "max": 64}, "seq": {"min": 16, "opt": 128, "max": 512}}},
+            {
+                "name": "tokens",
+                "dtype": "int64",
+                "shape": ["batch", "seq"],
+                "dynamic": {"batch": {"min": 1, "opt": 8, "max": 64}, "seq": {"min": 16, "opt": 128, "max": 512}},
+            },
+            {
+                "name": "mask",
+                "dtype": "int64",
+                "shape": ["batch", "seq"],
+                "dynamic": {"batch": {"min": 1, "opt": 8, "max": 64}, "seq": {"min": 16, "opt": 128, "max": 512}},
+            },
             {"name": "scale", "dtype": "float32", "shape": [1]},
         ],
-        targets=[{"backend": "tensorrt", "arch": "sm_90", "profiles": [
-            {"dims": {"seq": {"min": 16, "opt": 64, "max": 128}}},
-            {"dims": {"batch": {"min": 32, "opt": 48, "max": 64}, "seq": {"min": 129, "opt": 256, "max": 512}}},
-        ]}],
+        targets=[
+            {
+                "backend": "tensorrt",
+                "arch": "sm_90",
+                "profiles": [
+                    {"dims": {"seq": {"min": 16, "opt": 64, "max": 128}}},
+                    {"dims": {"batch": {"min": 32, "opt": 48, "max": 64}, "seq": {"min": 129, "opt": 256, "max": 512}}},
+                ],
+            }
+        ],
     )
     data["outputs"] = [{"name": "embedding"}]
     spec = parse_spec(data)
@@ -114,7 +128,9 @@ def test_one_profile_per_target_profile_each_covering_every_input():
 
 
 def test_profile_naming_an_unknown_dim_is_refused_with_the_known_ones(digits_spec):
-    target = trt_target(profiles=[{"dims": {"batch": {"min": 1, "opt": 2, "max": 4}}}, {"dims": {"height": {"min": 8, "opt": 8, "max": 8}}}])
+    target = trt_target(
+        profiles=[{"dims": {"batch": {"min": 1, "opt": 2, "max": 4}}}, {"dims": {"height": {"min": 8, "opt": 8, "max": 8}}}]
+    )
     spec = with_targets(digits_spec, trt_target(), target)
     with pytest.raises(SpecError, match=r"targets\[1\]\.profiles\[1\]\.dims names \['height'\].*dynamic dims: batch"):
         derive_profiles(spec, target)
@@ -133,10 +149,12 @@ def test_profile_without_dims_is_refused(digits_spec):
 
 
 def test_shared_dim_with_two_ranges_is_refused_naming_both_inputs():
-    data = spec_data(inputs=[
-        {"name": "image", "shape": ["batch", 1, 8, 8], "dynamic": {"batch": {"min": 1, "opt": 32, "max": 128}}},
-        {"name": "extra", "shape": ["batch", 4], "dynamic": {"batch": {"min": 1, "opt": 16, "max": 64}}},
-    ])
+    data = spec_data(
+        inputs=[
+            {"name": "image", "shape": ["batch", 1, 8, 8], "dynamic": {"batch": {"min": 1, "opt": 32, "max": 128}}},
+            {"name": "extra", "shape": ["batch", 4], "dynamic": {"batch": {"min": 1, "opt": 16, "max": 64}}},
+        ]
+    )
     spec = parse_spec(data)
     conflict = r"'batch' has min 1 / opt 32 / max 128 in inputs\[0\] \('image'\) but min 1 / opt 16 / max 64 in inputs\[1\]"
     with pytest.raises(SpecError, match=conflict):
@@ -152,9 +170,20 @@ def test_overrides_inside_the_declared_range_give_ordered_shapes(declared, picks
     low, opt, high = declared
     inner = [low + round(p * (high - low)) for p in picks]
     data = spec_data(
-        inputs=[{"name": "input", "shape": ["batch", 3, "side", "side"],
-                 "dynamic": {"batch": {"min": low, "opt": opt, "max": high}, "side": {"min": 32, "opt": 224, "max": 512}}}],
-        targets=[{"backend": "tensorrt", "arch": "sm_90", "profiles": [{"dims": {"batch": dict(zip(("min", "opt", "max"), inner, strict=True))}}]}],
+        inputs=[
+            {
+                "name": "input",
+                "shape": ["batch", 3, "side", "side"],
+                "dynamic": {"batch": {"min": low, "opt": opt, "max": high}, "side": {"min": 32, "opt": 224, "max": 512}},
+            }
+        ],
+        targets=[
+            {
+                "backend": "tensorrt",
+                "arch": "sm_90",
+                "profiles": [{"dims": {"batch": dict(zip(("min", "opt", "max"), inner, strict=True))}}],
+            }
+        ],
     )
     spec = parse_spec(data)
     (profile,) = derive_profiles(spec, spec.targets[0])
@@ -209,23 +238,55 @@ def test_ampere_plus_needs_an_ampere_or_newer_arch(digits_spec):
 def test_build_record_schema_holds_what_a_build_must_record(digits_spec):
     schema = TensorRTBuildRecord.model_json_schema()
     for key in (
-        "tensorrt_version", "gpu_name", "compute_capability", "driver_version", "cuda_driver_version",
-        "settings", "build_seconds", "engine_bytes", "engine_sha256", "layer_count", "timing_cache", "tag",
+        "tensorrt_version",
+        "gpu_name",
+        "compute_capability",
+        "driver_version",
+        "cuda_driver_version",
+        "settings",
+        "build_seconds",
+        "engine_bytes",
+        "engine_sha256",
+        "layer_count",
+        "timing_cache",
+        "tag",
     ):
         assert key in schema["required"], key
     settings_schema = schema["$defs"]["TensorRTBuildSettings"]
-    for key in ("builder_optimization_level", "workspace_bytes", "tiling_optimization_level",
-                "hardware_compatibility_level", "version_compatible", "exclude_lean_runtime", "profiles", "strongly_typed"):
+    for key in (
+        "builder_optimization_level",
+        "workspace_bytes",
+        "tiling_optimization_level",
+        "hardware_compatibility_level",
+        "version_compatible",
+        "exclude_lean_runtime",
+        "profiles",
+        "strongly_typed",
+    ):
         assert key in settings_schema["required"], key
 
     target = trt_target()
     spec = with_targets(digits_spec, target)
     record = TensorRTBuildRecord(
-        tag=target_tag(target, spec, "11.4.0.106"), model=spec.name, precision="fp16", target_arch="sm_90",
-        tensorrt_version="11.4.0.106", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="sm_90",
-        driver_version="580.159.04", cuda_driver_version="13.0", settings=build_settings(spec, target),
-        timing_cache=None, onnx_file="model.onnx", onnx_sha256="0" * 64, engine_file=ENGINE_FILE,
-        engine_bytes=1, engine_sha256="0" * 64, build_seconds=1.0, layer_count=1, built_at="2026-01-01T00:00:00+00:00",
+        tag=target_tag(target, spec, "11.4.0.106"),
+        model=spec.name,
+        precision="fp16",
+        target_arch="sm_90",
+        tensorrt_version="11.4.0.106",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="sm_90",
+        driver_version="580.159.04",
+        cuda_driver_version="13.0",
+        settings=build_settings(spec, target),
+        timing_cache=None,
+        onnx_file="model.onnx",
+        onnx_sha256="0" * 64,
+        engine_file=ENGINE_FILE,
+        engine_bytes=1,
+        engine_sha256="0" * 64,
+        build_seconds=1.0,
+        layer_count=1,
+        built_at="2026-01-01T00:00:00+00:00",
     )
     assert record.tag == "trt11.4-sm90-fp32-b1_32_128"
     assert TensorRTBuildRecord.model_validate(json.loads(record.model_dump_json())) == record
@@ -324,7 +385,9 @@ def test_build_without_tensorrt_fails_with_the_reason_and_writes_nothing(digits_
     out_dir = tmp_path / "out"
     cache = tmp_path / "caches" / "trt-sm90.cache"
     with pytest.raises(StageError, match=r"^build: cannot build the sm_90 target on this worker: TensorRT is not installed"):
-        get_backend("tensorrt").build(_tiny_onnx(tmp_path / "tiny.onnx"), target, with_targets(digits_spec, target), out_dir, timing_cache=cache)
+        get_backend("tensorrt").build(
+            _tiny_onnx(tmp_path / "tiny.onnx"), target, with_targets(digits_spec, target), out_dir, timing_cache=cache
+        )
     assert not out_dir.exists() and not cache.parent.exists()
 
 
@@ -332,9 +395,11 @@ def _quantized_onnx(path: Path, zero_point_type: int) -> Path:
     zero_point = helper.make_tensor("zero_point", zero_point_type, [], [0])
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05])
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["input", "scale", "zero_point"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["dq"]),
-         helper.make_node("Relu", ["dq"], ["logits"])],
+        [
+            helper.make_node("QuantizeLinear", ["input", "scale", "zero_point"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["dq"]),
+            helper.make_node("Relu", ["dq"], ["logits"]),
+        ],
         "quantized",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, 8, 8])],
@@ -346,9 +411,11 @@ def _quantized_onnx(path: Path, zero_point_type: int) -> Path:
 
 def _half_onnx(path: Path, half_type: int) -> Path:
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["input"], ["half"], to=half_type),
-         helper.make_node("Relu", ["half"], ["relu"]),
-         helper.make_node("Cast", ["relu"], ["logits"], to=TensorProto.FLOAT)],
+        [
+            helper.make_node("Cast", ["input"], ["half"], to=half_type),
+            helper.make_node("Relu", ["half"], ["relu"]),
+            helper.make_node("Cast", ["relu"], ["logits"], to=TensorProto.FLOAT),
+        ],
         "half",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, 8, 8])],
@@ -367,8 +434,13 @@ def test_onnx_must_carry_the_target_precision(digits_spec, tmp_path):
         check_onnx_precision(path, Precision(precision))
     with pytest.raises(StageError, match=r"int8\.onnx has int8 Q/DQ nodes, so the engine would not be fp32"):
         check_onnx_precision(int8, Precision.FP32)
-    for path, precision, missing in ((fp32, "int8", "int8 Q/DQ nodes"), (fp8, "int8", "int8 Q/DQ nodes"),
-                                     (int8, "fp8", "fp8 Q/DQ nodes"), (bf16, "fp16", "fp16 tensors"), (fp32, "bf16", "bf16 tensors")):
+    for path, precision, missing in (
+        (fp32, "int8", "int8 Q/DQ nodes"),
+        (fp8, "int8", "int8 Q/DQ nodes"),
+        (int8, "fp8", "fp8 Q/DQ nodes"),
+        (bf16, "fp16", "fp16 tensors"),
+        (fp32, "bf16", "bf16 tensors"),
+    ):
         with pytest.raises(StageError, match=rf"^build: .*{path.name} has no {missing}: .* would not be {precision}"):
             check_onnx_precision(path, Precision(precision))
 
@@ -430,7 +502,12 @@ def test_prefect_yaml_has_one_build_target_deployment_per_gpu_pool():
     for deployment in raw["deployments"]:
         assert any(deployment["work_pool"] is pool for pool in defined), deployment["name"]
     assert {a for a in GPU_ARCHS if Target(backend="tensorrt", arch=a).pool in expected_pools} == {
-        "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"
+        "sm_80",
+        "sm_86",
+        "sm_89",
+        "sm_90",
+        "sm_100",
+        "sm_120",
     }
 
 
@@ -457,6 +534,7 @@ def test_cuda_event_latency_grows_with_the_work():
     small_bytes, large_bytes = 1 << 20, 256 << 20
     source, target = cuda.DeviceArray.raw((large_bytes,)), cuda.DeviceArray.raw((large_bytes,))
     try:
+
         def copy(nbytes):
             return lambda: cuda.wrapper().memcpy(target.ptr, source.ptr, nbytes, cuda.MemcpyKind.DeviceToDevice, stream.ptr)
 
@@ -490,8 +568,13 @@ def digits_precisions(digits_spec, digits_onnx, tmp_path_factory) -> dict[str, P
     calibration = load_calibration(digits_spec)
     return {
         precision: convert_precision(
-            digits_onnx, Precision(precision), calibration.arrays, digits_spec.precision, spec=digits_spec,
-            cache_dir=cache, calibration_sha256=calibration.sha256,
+            digits_onnx,
+            Precision(precision),
+            calibration.arrays,
+            digits_spec.precision,
+            spec=digits_spec,
+            cache_dir=cache,
+            calibration_sha256=calibration.sha256,
         ).onnx_path
         for precision in ("fp32", "fp16", "int8")
     }
@@ -513,8 +596,12 @@ def test_engine_is_built_recorded_run_and_gated(precision, digits_spec, digits_c
     from trtforge.stages.reference import load_reference, reference_outputs
 
     spec, target, built = _build(
-        digits_spec, digits_precisions[precision], tmp_path / "engine", tmp_path / "cache" / "timing.cache",
-        arch=local_arch, precision=precision,
+        digits_spec,
+        digits_precisions[precision],
+        tmp_path / "engine",
+        tmp_path / "cache" / "timing.cache",
+        arch=local_arch,
+        precision=precision,
     )
     assert built.engine_path == tmp_path / "engine" / ENGINE_FILE
     record = json.loads((tmp_path / "engine" / RECORD_FILE).read_text())
@@ -618,7 +705,10 @@ def test_version_compatible_engine_runs_on_the_lean_runtime(digits_spec, digits_
     # A fresh process without the full runtime, as on an inference host that installed only the lean one.
     done = subprocess.run(
         [sys.executable, "-c", LEAN_RUN, str(built.engine_path), str(tmp_path / "feeds.npy"), str(tmp_path / "logits.npy")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr
     expected = ort.InferenceSession(str(digits_onnx), providers=["CPUExecutionProvider"]).run(["logits"], {"input": feeds})[0]

@@ -169,7 +169,9 @@ def test_tar_unpacking_to_more_bytes_than_the_cap_is_refused(digits_spec, tmp_pa
     noise = np.random.default_rng(0).bytes(6000)
     archive = write_tar(inside / "calib.tar", [regular("calib.npy", noise)])
     outside = Outside(tmp_path)
-    refused(with_calibration(digits_spec, max_archive_bytes=4096), archive, "unpacks to more than 4096 bytes (calibration.max_archive_bytes)")
+    refused(
+        with_calibration(digits_spec, max_archive_bytes=4096), archive, "unpacks to more than 4096 bytes (calibration.max_archive_bytes)"
+    )
     outside.assert_untouched()
 
 
@@ -274,7 +276,9 @@ def test_npz_whose_header_claims_more_than_it_holds_is_refused(digits_spec, tmp_
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**11,)})
     forged = inside / "calib.npz"
     write_zip(forged, [("input.npy", header.getvalue() + bytes(64))], compression=zipfile.ZIP_STORED)
-    with pytest.raises(CalibrationError, match=r"array 'input.npy' .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only"):
+    with pytest.raises(
+        CalibrationError, match=r"array 'input.npy' .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only"
+    ):
         load_calibration(digits_spec, forged)
 
 

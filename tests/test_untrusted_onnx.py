@@ -232,7 +232,10 @@ def test_node_in_a_custom_domain_loads_when_declared_as_a_plugin(model_dir, plug
 
 def test_custom_node_inside_a_model_local_function_is_refused(model_dir):
     function = helper.make_function(
-        "local.fn", "Shift", ["a", "b"], ["c"],
+        "local.fn",
+        "Shift",
+        ["a", "b"],
+        ["c"],
         [helper.make_node("Smuggled", ["a", "b"], ["c"], domain="com.evil")],
         opset_imports=[OPSET, helper.make_opsetid("com.evil", 1)],
     )
@@ -329,8 +332,11 @@ def test_simplify_checks_its_input_before_onnxsim_or_onnxruntime_read_it(tmp_pat
     path = write(add_model(external_weight("../outside/secret.bin")), model_dir)
     out = tmp_path / "model" / "out"
     outside = Outside(tmp_path)
-    with pytest.raises(OnnxModelError, match=r"^simplify: ONNX model .*model.onnx: initializer 'w' has external data at "
-                       r"'../outside/secret.bin', which leaves the model's folder"):
+    with pytest.raises(
+        OnnxModelError,
+        match=r"^simplify: ONNX model .*model.onnx: initializer 'w' has external data at "
+        r"'../outside/secret.bin', which leaves the model's folder",
+    ):
         simplify_onnx(digits_spec, path, out)
     assert list(out.iterdir()) == []
     out.rmdir()

@@ -16,7 +16,7 @@ from trtforge.errors import CheckpointError, SpecError
 from trtforge.spec import WatchSpec, parse_spec
 from trtforge.watch import glob_regex, local_checkpoint, newest_checkpoint, retrain_into
 
-TRAIN_SOURCE = '''
+TRAIN_SOURCE = """
 from pathlib import Path
 
 
@@ -28,7 +28,7 @@ def train(checkpoint):
 def crash(checkpoint):
     Path(checkpoint).write_bytes(b"half a checkpoint")
     raise RuntimeError("out of memory in epoch 3")
-'''
+"""
 
 
 def make_spec(folder: Path, watch: dict | None, **changes):
@@ -174,7 +174,9 @@ def test_a_crashing_train_entry_point_leaves_nothing_behind(tmp_path):
 
 def test_retrain_refuses_a_pattern_its_checkpoint_would_not_match(tmp_path):
     spec = make_spec(tmp_path / "spec", {"location": str(tmp_path / "in"), "pattern": "*.pt", "retrain_first": True})
-    with pytest.raises(SpecError, match=r"watch.pattern '\*.pt' does not match 'digits-cnn-.*\.safetensors'.*use a pattern such as '\*.safetensors'"):
+    with pytest.raises(
+        SpecError, match=r"watch.pattern '\*.pt' does not match 'digits-cnn-.*\.safetensors'.*use a pattern such as '\*.safetensors'"
+    ):
         retrain_into(spec, tmp_path / "work")
 
 

@@ -135,9 +135,7 @@ def _check_for(op: str, sentence: str, schema: onnx.defs.OpSchema | None) -> dic
                 "attribute": require(resize_lists[m[1]], "attribute"),
                 "values": _backticked(m[2]),
             }
-    if re.fullmatch(
-        r"When `scales` is a tensor input, `axes` must be an iota vector of length rank\(input\)", sentence
-    ):
+    if re.fullmatch(r"When `scales` is a tensor input, `axes` must be an iota vector of length rank\(input\)", sentence):
         return {"kind": "resize_axes_iota"}
     if sentence == "Antialiasing is not supported":
         return {"kind": "attribute_in", "attribute": require("antialias", "attribute"), "values": [0]}
@@ -149,18 +147,13 @@ def _check_for(op: str, sentence: str, schema: onnx.defs.OpSchema | None) -> dic
         return {"kind": "input_rank", "input": require(m[1], "input"), "ranks": [3, 4]}
     if sentence == "`pads` for the beginning and end along each spatial axis must be the same":
         return {"kind": "symmetric_pads", "attribute": require("pads", "attribute")}
-    if re.fullmatch(
-        r"For bidirectional \w+, activation functions must be the same for both the forward and reverse pass", sentence
-    ):
+    if re.fullmatch(r"For bidirectional \w+, activation functions must be the same for both the forward and reverse pass", sentence):
         return {"kind": "same_bidirectional_activations"}
     if m := re.fullmatch(r"`(\w+)` value is ignored by TensorRT", sentence):
         return {"kind": "ignored_attribute", "attribute": require(m[1], "attribute")}
     if sentence == "`axis` dimension of input must be a build-time constant":
         return {"kind": "static_axis_dim", "attribute": require("axis", "attribute")}
-    if (
-        sentence
-        == "Output tensors of the two conditional branches must have the same rank and must have different names"
-    ):
+    if sentence == "Output tensors of the two conditional branches must have the same rank and must have different names":
         return {"kind": "if_branch_outputs"}
     return None
 
@@ -283,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     partial.write_text(rendered)
     partial.replace(output)
     unchecked = sorted(
-        f"{op}: {r['text']}"
-        for op, entry in json.loads(rendered)["operators"].items()
-        for r in entry["restrictions"]
-        if r["check"] is None
+        f"{op}: {r['text']}" for op, entry in json.loads(rendered)["operators"].items() for r in entry["restrictions"] if r["check"] is None
     )
     print(f"wrote {output}: {len(json.loads(rendered)['operators'])} operators")
     if unchecked:

@@ -158,9 +158,7 @@ def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
         with np.load(path, allow_pickle=False) as archive:
             stored = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise CalibrationError(
-            STAGE, f"calibration data {path} is not a readable .npz ({err}): write it with numpy.savez"
-        ) from None
+        raise CalibrationError(STAGE, f"calibration data {path} is not a readable .npz ({err}): write it with numpy.savez") from None
     names = [i.name for i in spec.inputs]
     missing = [n for n in names if n not in stored]
     if missing:
@@ -196,9 +194,7 @@ def _read_npy(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
             _check_npy_header(handle, path.stat().st_size, f"calibration data {path}")
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        raise CalibrationError(
-            STAGE, f"calibration data {path} is not a readable .npy ({err}): write it with numpy.save"
-        ) from None
+        raise CalibrationError(STAGE, f"calibration data {path} is not a readable .npy ({err}): write it with numpy.save") from None
     arrays = {only.name: array}
     _check_arrays(path, arrays, None)
     return arrays, None
@@ -207,13 +203,9 @@ def _read_npy(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
 def _check_arrays(path: Path, arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
     for name, array in arrays.items():
         if array.dtype.kind not in NUMERIC_KINDS:
-            raise CalibrationError(
-                STAGE, f"array {name!r} in {path} has dtype {array.dtype}: calibration arrays must be numeric"
-            )
+            raise CalibrationError(STAGE, f"array {name!r} in {path} has dtype {array.dtype}: calibration arrays must be numeric")
         if array.ndim == 0 or len(array) == 0:
-            raise CalibrationError(
-                STAGE, f"array {name!r} in {path} holds no samples (shape {array.shape}): stack samples on axis 0"
-            )
+            raise CalibrationError(STAGE, f"array {name!r} in {path} holds no samples (shape {array.shape}): stack samples on axis 0")
     counts = {name: len(array) for name, array in arrays.items()}
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
@@ -256,13 +248,9 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
             f"calibration data {folder} is an image folder, but input {only.name!r} takes {only.dtype}: "
             "images can only feed float32/float16 inputs; save the set as an .npz instead",
         )
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise CalibrationError(
-            STAGE, f"calibration folder {folder} holds no .png, .jpg or .jpeg files: put the calibration images there"
-        )
+        raise CalibrationError(STAGE, f"calibration folder {folder} holds no .png, .jpg or .jpeg files: put the calibration images there")
     with_labels = cal.labels is not None
     if with_labels:
         loose = [p.relative_to(folder).as_posix() for p in files if p.parent == folder]
@@ -343,10 +331,7 @@ def _class_indices(classes: list[str]) -> np.ndarray:
 def _unreadable_message(folder: Path, unreadable: dict[str, str]) -> str:
     listed = "; ".join(f"{name} ({reason})" for name, reason in list(unreadable.items())[:10])
     more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
-    return (
-        f"{len(unreadable)} image file(s) in {folder} cannot be read: {listed}{more}. "
-        "Replace or delete them, then run again"
-    )
+    return f"{len(unreadable)} image file(s) in {folder} cannot be read: {listed}{more}. Replace or delete them, then run again"
 
 
 # --------------------------------------------------------------------------- archives
@@ -563,8 +548,7 @@ def _archive_content(archive: Path, folder: Path) -> Path:
         names = ", ".join(p.relative_to(folder).as_posix() for p in arrays[:5])
         raise CalibrationError(
             STAGE,
-            f"calibration archive {archive} holds several array files ({names}): pack exactly one .npz or .npy, "
-            "or only images",
+            f"calibration archive {archive} holds several array files ({names}): pack exactly one .npz or .npy, or only images",
         )
     if arrays:
         return arrays[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -46,7 +46,11 @@ def _thresholds(outcome: TargetOutcome) -> str:
 
 def _gate_case(suite: ElementTree.Element, model: str, outcome: TargetOutcome) -> str:
     case = ElementTree.SubElement(
-        suite, "testcase", classname=f"trtforge.{model}.gate", name=outcome.tag, time=f"{float(outcome.record.get('build_seconds', 0.0)):.3f}"
+        suite,
+        "testcase",
+        classname=f"trtforge.{model}.gate",
+        name=outcome.tag,
+        time=f"{float(outcome.record.get('build_seconds', 0.0)):.3f}",
     )
     details = [f"{outcome.backend} {outcome.precision}, {'required' if outcome.required else 'optional'}: {outcome.status.value}"]
     details += [f"gate: {failure}" for failure in outcome.failures]
@@ -105,7 +109,7 @@ def junit_xml(summary: RunSummary, timestamp: datetime | None = None) -> str:
         "skipped": str(verdicts.count("skipped")),
         "time": f"{seconds:.3f}",
     }
-    suite.attrib.update(counts, timestamp=(timestamp or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
+    suite.attrib.update(counts, timestamp=(timestamp or datetime.now(UTC)).isoformat(timespec="seconds"))
     root.attrib.update(counts)
     ElementTree.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 RegistryOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--registry", help="file://PATH or s3://BUCKET/PREFIX (default: $TRTFORGE_REGISTRY, then the spec's)."),
 ]
 
@@ -54,10 +54,10 @@ def _print_run_table(summary) -> None:
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Model spec YAML, e.g. examples/digits/spec.yaml.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Use this checkpoint instead of the spec's (no retraining).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Use this checkpoint instead of the spec's (no retraining).")] = None,
     registry: RegistryOption = None,
     artifacts: Annotated[Path, typer.Option(help="Folder for run outputs and caches.")] = Path("artifacts"),
-    summary_file: Annotated[Optional[Path], typer.Option("--summary", help="Append the Markdown summary to this file.")] = None,
+    summary_file: Annotated[Path | None, typer.Option("--summary", help="Append the Markdown summary to this file.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the retrain-to-engine flow: checkpoint, export, simplify, build, gate, publish."""
@@ -113,10 +113,10 @@ def _for_worker(location: str) -> str:
 def ci_command(
     spec: Annotated[Path, typer.Option("--spec", help="Model spec YAML; with --deployment, a path the worker can read (its checkout).")],
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="The checkpoint to build: a local path or s3://BUCKET/KEY.")],
-    summary_file: Annotated[Optional[Path], typer.Option("--summary", help="Write the Markdown summary to this file.")] = None,
-    junit_file: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report: one test case per target gate.")] = None,
+    summary_file: Annotated[Path | None, typer.Option("--summary", help="Write the Markdown summary to this file.")] = None,
+    junit_file: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report: one test case per target gate.")] = None,
     deployment: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--deployment",
             help="Run on this deployment of the watch flow (e.g. retrain-to-engine-scheduled) on the server in PREFECT_API_URL, and wait.",
@@ -140,7 +140,12 @@ def ci_command(
         from flows.watch import run_on_deployment
 
         summary = run_on_deployment(
-            deployment, str(spec), loaded.name, _for_worker(checkpoint), _for_worker(uri), on_started=lambda line: typer.echo(line, err=True)
+            deployment,
+            str(spec),
+            loaded.name,
+            _for_worker(checkpoint),
+            _for_worker(uri),
+            on_started=lambda line: typer.echo(line, err=True),
         )
     else:
         from flows.watch import watch
@@ -171,12 +176,8 @@ def ci_command(
 @app.command("validate-calibration")
 def validate_calibration_command(
     spec: Annotated[Path, typer.Argument(help="Model spec YAML, e.g. examples/digits/spec.yaml.")],
-    data: Annotated[
-        Optional[Path], typer.Option(help="Calibration data (.npz, .npy or image folder) instead of the spec's.")
-    ] = None,
-    out: Annotated[
-        Optional[Path], typer.Option(help="Write the validation result (JSON) and Data Docs (HTML) into this folder.")
-    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Calibration data (.npz, .npy or image folder) instead of the spec's.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the validation result (JSON) and Data Docs (HTML) into this folder.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Check a calibration set against the spec with great-expectations; exit 1 when it fails."""
@@ -202,12 +203,10 @@ def validate_calibration_command(
 def check_command(
     model: Annotated[Path, typer.Argument(help="The ONNX model to check, e.g. artifacts/.../model.sim.onnx.")],
     plugins: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--plugin", help="An op domain or op type served by a TensorRT plugin (repeatable)."),
     ] = None,
-    tensorrt_version: Annotated[
-        Optional[str], typer.Option("--tensorrt-version", help="Check for this TensorRT release, e.g. 10.1.")
-    ] = None,
+    tensorrt_version: Annotated[str | None, typer.Option("--tensorrt-version", help="Check for this TensorRT release, e.g. 10.1.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Check every node against TensorRT (its parser if installed, else its operator table); exit 1 if any is unsupported."""
@@ -225,20 +224,20 @@ def check_command(
 # --- registry: ls, show, pull, verify, promote, gc (core install only) -----------------------------------
 
 RegistryUriOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--registry", help="file://PATH or s3://BUCKET/PREFIX (default: $TRTFORGE_REGISTRY, then file://artifacts/registry)."),
 ]
 
 
 RequireSignatureOption = Annotated[
-    Optional[bool],
+    bool | None,
     typer.Option(
         "--require-signature/--no-require-signature",
         help="Refuse a version whose signature does not verify with the trusted key (default: $TRTFORGE_REQUIRE_SIGNATURE).",
     ),
 ]
 TrustedKeyOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--trusted-key", help="PEM public key that signatures must verify with (default: $TRTFORGE_TRUSTED_KEY)."),
 ]
 
@@ -309,13 +308,15 @@ def show_command(
 def pull_command(
     model: Annotated[str, typer.Argument(help="Model name.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the target's files into.")],
-    version: Annotated[Optional[int], typer.Option("--version", help="Version number (default: the alias).")] = None,
-    alias: Annotated[Optional[str], typer.Option("--alias", help="Alias to resolve (default: latest).")] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="'auto' (this host's GPU, through NVML) or e.g. sm_90.")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16, bf16, int8 or fp8.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="tensorrt or onnxruntime.")] = None,
-    tag: Annotated[Optional[str], typer.Option("--tag", "--target", help="Exact target tag, e.g. trt10.3-sm90-fp16-b1_32_128.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")] = None,
+    version: Annotated[int | None, typer.Option("--version", help="Version number (default: the alias).")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="Alias to resolve (default: latest).")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="'auto' (this host's GPU, through NVML) or e.g. sm_90.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16, int8 or fp8.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="tensorrt or onnxruntime.")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", "--target", help="Exact target tag, e.g. trt10.3-sm90-fp16-b1_32_128.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")
+    ] = None,
     require_signature: RequireSignatureOption = None,
     trusted_key: TrustedKeyOption = None,
     registry: RegistryUriOption = None,

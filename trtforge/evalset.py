@@ -53,7 +53,9 @@ def load_eval_set(spec: ModelSpec) -> EvalSet:
     if spec.eval.labels is not None and spec.eval.labels in arrays:
         labels = arrays[spec.eval.labels]
         if len(labels) != next(iter(sizes.values())):
-            raise SpecError(f"eval.data: labels {spec.eval.labels!r} in {path} has {len(labels)} entries for {next(iter(sizes.values()))} samples")
+            raise SpecError(
+                f"eval.data: labels {spec.eval.labels!r} in {path} has {len(labels)} entries for {next(iter(sizes.values()))} samples"
+            )
     return EvalSet(inputs=inputs, labels=labels, path=path)
 
 

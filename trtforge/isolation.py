@@ -73,9 +73,7 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix=f"trtforge-{stage}-") as tmp:
         log_path = Path(tmp) / "child.log"
         log_path.touch()
-        process = context.Process(
-            target=_child_main, args=(sender, function, args, kwargs, memory_mb, str(log_path)), daemon=True
-        )
+        process = context.Process(target=_child_main, args=(sender, function, args, kwargs, memory_mb, str(log_path)), daemon=True)
         process.start()
         sender.close()
         try:

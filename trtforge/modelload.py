@@ -113,7 +113,8 @@ def load_model(spec: ModelSpec, checkpoint: Path):
         if result.unexpected_keys:
             parts.append(f"unexpected keys {sorted(result.unexpected_keys)}")
         raise CheckpointError(
-            f"checkpoint {checkpoint} does not match model {spec.model!r}: " + "; ".join(parts)
+            f"checkpoint {checkpoint} does not match model {spec.model!r}: "
+            + "; ".join(parts)
             + ". Check that the spec's model and model_kwargs are the ones the checkpoint was trained with"
         )
     return module.eval()

@@ -93,8 +93,7 @@ def _parse(path: Path):
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as err:
         raise OnnxModelError(
-            f"ONNX model {path} cannot be parsed ({type(err).__name__}: {err}): the file is truncated or not an "
-            ".onnx file; export it again"
+            f"ONNX model {path} cannot be parsed ({type(err).__name__}: {err}): the file is truncated or not an .onnx file; export it again"
         ) from None
     except OSError as err:
         raise OnnxModelError(f"ONNX model {path} cannot be read: {err}") from None
@@ -174,9 +173,7 @@ def _check_tensor(path: Path, folder: Path, tensor, where: str) -> None:
     filled = [(name, len(getattr(tensor, name))) for name in _TYPED_FIELDS if len(getattr(tensor, name))]
     if not filled:
         if elements:
-            raise OnnxModelError(
-                f"ONNX model {path}: {where} declares shape {list(tensor.dims)} but holds no data; export it again"
-            )
+            raise OnnxModelError(f"ONNX model {path}: {where} declares shape {list(tensor.dims)} but holds no data; export it again")
         return
     field, count = filled[0]
     expected = _typed_entries(type_name, elements)
@@ -226,9 +223,7 @@ def _external_field(path: Path, where: str, entries: dict[str, str], key: str) -
     except ValueError:
         value = -1
     if value < 0:
-        raise OnnxModelError(
-            f"ONNX model {path}: {where} has external data {key} {entries[key]!r}, which is not a non-negative integer"
-        )
+        raise OnnxModelError(f"ONNX model {path}: {where} has external data {key} {entries[key]!r}, which is not a non-negative integer")
     return value
 
 

@@ -35,18 +35,12 @@ class ShapeProfile:
         return {shapes.name: getattr(shapes, level) for shapes in self.inputs}
 
     def to_dict(self) -> dict[str, dict[str, list[int]]]:
-        return {
-            shapes.name: {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)}
-            for shapes in self.inputs
-        }
+        return {shapes.name: {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)} for shapes in self.inputs}
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, Any]]) -> ShapeProfile:
         return cls(
-            tuple(
-                InputShapes(name, tuple(levels["min"]), tuple(levels["opt"]), tuple(levels["max"]))
-                for name, levels in data.items()
-            )
+            tuple(InputShapes(name, tuple(levels["min"]), tuple(levels["opt"]), tuple(levels["max"])) for name, levels in data.items())
         )
 
 
@@ -122,8 +116,7 @@ def derive_profiles(spec: ModelSpec, target: Target) -> list[ShapeProfile]:
         inputs = []
         for inp in spec.inputs:
             levels = {
-                level: tuple(d if isinstance(d, int) else getattr(ranges[d], level) for d in inp.shape)
-                for level in ("min", "opt", "max")
+                level: tuple(d if isinstance(d, int) else getattr(ranges[d], level) for d in inp.shape) for level in ("min", "opt", "max")
             }
             inputs.append(InputShapes(inp.name, levels["min"], levels["opt"], levels["max"]))
         profiles.append(ShapeProfile(tuple(inputs)))

@@ -44,7 +44,9 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
         lines += _table(["stage", "seconds", "detail"], [[s.stage, f"{s.seconds:.1f}", s.detail] for s in summary.stages])
     for check in summary.compatibility:
         lines += ["", f"### Operator compatibility (TensorRT {check['tensorrt_version']}, {check['source']})", ""]
-        lines.append(f"{check['nodes']} nodes: {check['supported']} supported, {check['conditional']} conditional, {check['unsupported']} unsupported.")
+        lines.append(
+            f"{check['nodes']} nodes: {check['supported']} supported, {check['conditional']} conditional, {check['unsupported']} unsupported."
+        )
         if check["flagged_op_types"]:
             lines += [""] + _table(
                 ["op type", "conditional", "unsupported"],
@@ -87,13 +89,20 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
             continue
         passed = target.status is TargetStatus.PASSED
         axes.scatter(
-            target.metrics["latency_ms_median"], target.metrics[metric], marker="o" if passed else "x", s=80,
-            color="tab:green" if passed else "tab:red", label=f"{target.tag} ({'pass' if passed else 'FAIL'})",
+            target.metrics["latency_ms_median"],
+            target.metrics[metric],
+            marker="o" if passed else "x",
+            s=80,
+            color="tab:green" if passed else "tab:red",
+            label=f"{target.tag} ({'pass' if passed else 'FAIL'})",
         )
         # Targets often tie on the metric; the label says which point is which.
         axes.annotate(
-            f"{target.backend} {target.precision}", (target.metrics["latency_ms_median"], target.metrics[metric]),
-            textcoords="offset points", xytext=(6, 6 + 11 * index), fontsize=8,
+            f"{target.backend} {target.precision}",
+            (target.metrics["latency_ms_median"], target.metrics[metric]),
+            textcoords="offset points",
+            xytext=(6, 6 + 11 * index),
+            fontsize=8,
         )
     axes.set_xlabel("median latency at the opt shape (ms)")
     axes.set_ylabel("task metric (accuracy, else agreement or cosine)")

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
@@ -96,7 +96,9 @@ def newest_checkpoint(watch: WatchSpec) -> FoundCheckpoint:
     else:
         root = Path(watch.location)
         if not root.is_dir():
-            raise CheckpointError(f"watch.location {root} is not a folder: create it, or point watch.location in the spec at the folder checkpoints are written to")
+            raise CheckpointError(
+                f"watch.location {root} is not a folder: create it, or point watch.location in the spec at the folder checkpoints are written to"
+            )
         found = []
         for folder, subfolders, files in os.walk(root):
             subfolders[:] = [name for name in subfolders if not name.startswith(".")]
@@ -106,7 +108,7 @@ def newest_checkpoint(watch: WatchSpec) -> FoundCheckpoint:
                 if _visible(name) and matcher.fullmatch(name) and path.is_file():
                     stat = path.stat()
                     found.append(
-                        FoundCheckpoint(uri=str(path), name=name, size=stat.st_size, modified=datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+                        FoundCheckpoint(uri=str(path), name=name, size=stat.st_size, modified=datetime.fromtimestamp(stat.st_mtime, UTC))
                     )
     if not found:
         raise CheckpointError(
@@ -150,7 +152,7 @@ def retrain_into(spec: ModelSpec, work_dir: Path) -> RetrainResult:
     if watch is None or spec.train is None:
         raise SpecError("retraining into the watch location needs both a 'watch' section and a 'train' entry point in the spec")
     started = time.perf_counter()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"{spec.name}-{stamp}{spec.checkpoint.suffix or '.safetensors'}"
     if not glob_regex(watch.pattern).fullmatch(name):
         raise SpecError(
@@ -185,7 +187,7 @@ def retrain_into(spec: ModelSpec, work_dir: Path) -> RetrainResult:
         final = Path(watch.location) / name
         os.replace(written, final)
         stat = final.stat()
-        found = FoundCheckpoint(uri=str(final), name=name, size=stat.st_size, modified=datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+        found = FoundCheckpoint(uri=str(final), name=name, size=stat.st_size, modified=datetime.fromtimestamp(stat.st_mtime, UTC))
     return RetrainResult(
         checkpoint=found, train_metrics={k: float(v) for k, v in dict(metrics).items()}, seconds=time.perf_counter() - started
     )

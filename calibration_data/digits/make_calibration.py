@@ -34,9 +34,7 @@ def build_calibration_set() -> dict[str, np.ndarray]:
     finally:
         sys.path.remove(str(DIGITS_EXAMPLE))
     images, labels = load_split("train")
-    drawn_images, _, drawn_labels, _ = train_test_split(
-        images, labels, train_size=SAMPLES, stratify=labels, random_state=DRAW_SEED
-    )
+    drawn_images, _, drawn_labels, _ = train_test_split(images, labels, train_size=SAMPLES, stratify=labels, random_state=DRAW_SEED)
     return {"input": drawn_images.astype(np.float32), "labels": drawn_labels.astype(np.int64)}
 
 

@@ -21,7 +21,5 @@ def load_split(split: Literal["train", "test"]) -> tuple[np.ndarray, np.ndarray]
     digits = load_digits()
     images = (digits.images / PIXEL_MAX).astype(np.float32)[:, None, :, :]
     labels = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
-    )
+    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels)
     return (x_train, y_train) if split == "train" else (x_test, y_test)

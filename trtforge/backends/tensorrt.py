@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,9 +72,7 @@ def probe_tensorrt() -> TensorRTProbe:
     try:
         trt = importlib.import_module("tensorrt")
     except (ImportError, OSError) as err:
-        return TensorRTProbe(
-            None, f"TensorRT is installed on this worker but its libraries do not load ({err}): {INSTALL_HINT}"
-        )
+        return TensorRTProbe(None, f"TensorRT is installed on this worker but its libraries do not load ({err}): {INSTALL_HINT}")
     version = str(trt.__version__)
     if int(version.split(".")[0]) < MIN_TENSORRT_MAJOR:
         return TensorRTProbe(
@@ -472,14 +470,12 @@ class TensorRTRunner:
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
         for index, profile in enumerate(self.profiles):
             if all(
-                len(shapes[name]) == len(low)
-                and all(lo <= d <= hi for d, lo, hi in zip(shapes[name], low, high, strict=True))
+                len(shapes[name]) == len(low) and all(lo <= d <= hi for d, lo, hi in zip(shapes[name], low, high, strict=True))
                 for name, (low, _, high) in profile.items()
             ):
                 return index
         allowed = "; ".join(
-            ", ".join(f"{name} {list(low)}..{list(high)}" for name, (low, _, high) in profile.items())
-            for profile in self.profiles
+            ", ".join(f"{name} {list(low)}..{list(high)}" for name, (low, _, high) in profile.items()) for profile in self.profiles
         )
         raise TrtforgeError(
             f"input shapes {dict((n, list(s)) for n, s in shapes.items())} fit no optimization profile of "
@@ -490,9 +486,7 @@ class TensorRTRunner:
         expected = self._dtypes[name]
         array = np.asarray(value)
         if array.dtype != expected and array.dtype.kind != expected.kind:
-            raise TrtforgeError(
-                f"input {name!r} of {self.engine_path} takes {expected}, got {array.dtype}: convert the data first"
-            )
+            raise TrtforgeError(f"input {name!r} of {self.engine_path} takes {expected}, got {array.dtype}: convert the data first")
         return np.ascontiguousarray(array, dtype=expected)
 
     def _device_buffer(self, name: str, shape: tuple[int, ...]):
@@ -523,8 +517,7 @@ class TensorRTRunner:
             if any(d < 0 for d in shape):
                 raise StageError(
                     "run",
-                    f"output {name!r} of {self.engine_path} has a data-dependent shape {list(shape)}, "
-                    f"which trtforge does not serve",
+                    f"output {name!r} of {self.engine_path} has a data-dependent shape {list(shape)}, which trtforge does not serve",
                 )
             self._device_buffer(name, shape)
             output_shapes[name] = shape
@@ -641,7 +634,7 @@ class TensorRTBackend:
             engine_sha256=sha256_file(engine_path),
             build_seconds=round(build_seconds, 3),
             layer_count=len(layers.get("Layers", [])),
-            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         record_path = out_dir / RECORD_FILE
         _write_atomic(record_path, record.model_dump_json(indent=2).encode())
@@ -689,18 +682,14 @@ def _build_serialized(
         profiles=profiles,
         tf32=settings.tf32,
         builder_optimization_level=settings.builder_optimization_level,
-        memory_pool_limits=(
-            {trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes} if settings.workspace_bytes is not None else None
-        ),
+        memory_pool_limits=({trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes} if settings.workspace_bytes is not None else None),
         tiling_optimization_level=(
             _enum_member(trt.TilingOptimizationLevel, settings.tiling_optimization_level, "tiling optimization level", version)
             if settings.tiling_optimization_level is not None
             else None
         ),
         hardware_compatibility_level=(
-            _enum_member(
-                trt.HardwareCompatibilityLevel, settings.hardware_compatibility_level, "hardware compatibility level", version
-            )
+            _enum_member(trt.HardwareCompatibilityLevel, settings.hardware_compatibility_level, "hardware compatibility level", version)
             if settings.hardware_compatibility_level != "none"
             else None
         ),

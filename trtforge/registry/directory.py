@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
@@ -44,7 +44,7 @@ def _etag(data: bytes) -> str:
 
 
 def _mtime(stat: os.stat_result) -> datetime:
-    return datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
+    return datetime.fromtimestamp(stat.st_mtime, tz=UTC)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -262,4 +262,3 @@ class DirectoryStore:
 
     def check_conditional_writes(self) -> None:
         """Hard links and flock are checked on the first write that uses them."""
-

@@ -81,9 +81,7 @@ class EngineFacts:
             device=record.get("device") or ("gpu" if arch else None),
             arch=arch,
             runtime_version=str(runtime) if runtime else None,
-            hardware_compatibility=str(
-                record.get("hardware_compatibility") or settings.get("hardware_compatibility_level") or "none"
-            ),
+            hardware_compatibility=str(record.get("hardware_compatibility") or settings.get("hardware_compatibility_level") or "none"),
             version_compatible=bool(record.get("version_compatible", settings.get("version_compatible", False))),
         )
 
@@ -249,7 +247,9 @@ class BlobCache:
             incoming.parent.mkdir(parents=True, exist_ok=True)
             blob.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RegistryError(f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}") from None
+            raise RegistryError(
+                f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}"
+            ) from None
         try:
             store.download_file(key, incoming)
             size = incoming.stat().st_size

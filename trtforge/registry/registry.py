@@ -30,13 +30,15 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
+from trtforge.hashing import sha256_file
+from trtforge.registry import crashpoints
 from trtforge.registry.manifest import AliasRecord, FileEntry, Lineage, Manifest, TargetEntry, read_manifest, read_stored
 from trtforge.registry.names import check_alias, check_cache_key, check_file_name, check_model, check_tag, check_version
 from trtforge.registry.pull import (
@@ -51,8 +53,6 @@ from trtforge.registry.pull import (
     normalize_arch,
     place,
 )
-from trtforge.hashing import sha256_file
-from trtforge.registry import crashpoints
 from trtforge.registry.signing import (
     SignatureError,
     Signer,
@@ -171,7 +171,7 @@ class VerifyReport(BaseModel):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _versions_prefix(model: str) -> str:
@@ -324,7 +324,9 @@ class Registry:
             raise NotFoundError(f"{model} has no alias {alias!r} in {self.uri}; its aliases: {known}")
         target = current[0].version
         if not _is_published(self.store.head(_version_key(model, target, MANIFEST))):
-            raise IntegrityError(f"alias {alias!r} of {model} points at version {target}, which has no manifest: promote a complete version")
+            raise IntegrityError(
+                f"alias {alias!r} of {model} points at version {target}, which has no manifest: promote a complete version"
+            )
         return target
 
     def find_by_lineage(self, model: str, checkpoint_sha256: str, spec_sha256: str) -> int | None:
@@ -344,7 +346,9 @@ class Registry:
         for name, number in aliases.items():
             by_version.setdefault(number, []).append(name)
         prefix = _versions_prefix(model)
-        signed = {number for info in self.store.list(prefix) for number, _, name in [info.key[len(prefix) :].partition("/")] if name == SIGNATURE}
+        signed = {
+            number for info in self.store.list(prefix) for number, _, name in [info.key[len(prefix) :].partition("/")] if name == SIGNATURE
+        }
         summaries = []
         for number in versions:
             manifest = self.manifest(model, number)
@@ -426,7 +430,9 @@ class Registry:
                 try:
                     self.store.put_if_absent(_version_key(model, version, SIGNATURE), signature)
                 except PreconditionFailed:
-                    raise RegistryError(f"version {version} of {model} already has a signature: another publisher broke the version lock") from None
+                    raise RegistryError(
+                        f"version {version} of {model} already has a signature: another publisher broke the version lock"
+                    ) from None
                 crashpoints.reached("signed")
         except RegistryUnreachable:
             raise
@@ -533,7 +539,9 @@ class Registry:
                 return moved
             except PreconditionFailed:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        raise RegistryError(f"could not move alias {alias!r} of {model} to version {version}: {_ALIAS_ATTEMPTS} concurrent moves won first; retry")
+        raise RegistryError(
+            f"could not move alias {alias!r} of {model} to version {version}: {_ALIAS_ATTEMPTS} concurrent moves won first; retry"
+        )
 
     # --- timing caches -------------------------------------------------------------------------
 

@@ -101,7 +101,9 @@ class S3Store:
                 ),
             )
         except BotoCoreError as err:
-            raise RegistryError(f"cannot set up the S3 client for {self.uri}: {type(err).__name__}; check AWS_PROFILE and ~/.aws/config") from None
+            raise RegistryError(
+                f"cannot set up the S3 client for {self.uri}: {type(err).__name__}; check AWS_PROFILE and ~/.aws/config"
+            ) from None
         self._attempts = retries["total_max_attempts"]
         self._probe_lock = threading.Lock()
         self._conditional_writes_checked = False

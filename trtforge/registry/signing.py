@@ -133,7 +133,9 @@ def trust_from_env(env: Mapping[str, str] | None = None) -> Trust | None:
         return TrustedKey(Path(key))
     if identity or issuer:
         if not (identity and issuer):
-            raise RegistryError(f"Sigstore trust needs both {TRUSTED_IDENTITY_ENV} (e.g. the CI workflow's identity) and {TRUSTED_ISSUER_ENV}")
+            raise RegistryError(
+                f"Sigstore trust needs both {TRUSTED_IDENTITY_ENV} (e.g. the CI workflow's identity) and {TRUSTED_ISSUER_ENV}"
+            )
         return TrustedIdentity(identity, issuer)
     return None
 
@@ -163,7 +165,9 @@ def _check_curve(key, path: Path, what: str) -> None:
 
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) or key.curve.name not in _CURVES:
         kind = key.curve.name if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) else type(key).__name__
-        raise RegistryError(f"{what} {path} is a {kind} key, but signatures use elliptic-curve keys on P-256, P-384 or P-521: {_NEW_KEY_HINT}")
+        raise RegistryError(
+            f"{what} {path} is a {kind} key, but signatures use elliptic-curve keys on P-256, P-384 or P-521: {_NEW_KEY_HINT}"
+        )
 
 
 class VersionSigner:
@@ -189,7 +193,9 @@ class VersionSigner:
         try:
             key = serialization.load_pem_private_key(data, password)
         except TypeError as err:
-            raise RegistryError(f"signing key {path}: {_reason(err)}; set {SIGNING_KEY_PASSWORD_ENV} to its password, or unset it") from None
+            raise RegistryError(
+                f"signing key {path}: {_reason(err)}; set {SIGNING_KEY_PASSWORD_ENV} to its password, or unset it"
+            ) from None
         except ValueError:
             raise RegistryError(f"signing key {path} is not a PEM private key, or {SIGNING_KEY_PASSWORD_ENV} is wrong; {fix}") from None
         _check_curve(key, path, "signing key")
@@ -259,8 +265,7 @@ class VersionVerifier:
             key = serialization.load_pem_public_key(data)
         except (ValueError, TypeError):
             raise RegistryError(
-                f"trusted key {path} is not a PEM public key; {fix} "
-                "(`openssl ec -in signing-key.pem -pubout` prints it)"
+                f"trusted key {path} is not a PEM public key; {fix} (`openssl ec -in signing-key.pem -pubout` prints it)"
             ) from None
         _check_curve(key, path, "trusted key")
         from model_signing._signing import sign_ec_key, sign_sigstore_pb

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 from trtforge.backends.base import BuiltEngine, get_backend
-from trtforge.isolation import run_isolated
-from trtforge.spec import BackendName
 from trtforge.evalset import load_eval_set
-from trtforge.spec import ModelSpec, Target
+from trtforge.isolation import run_isolated
+from trtforge.spec import BackendName, ModelSpec, Target
 from trtforge.stages.gate import PreviousRelease, gate_target
 from trtforge.stages.reference import ReferenceResult, load_reference
 from trtforge.summary import TargetOutcome, TargetStatus
@@ -35,8 +34,16 @@ def build_and_gate(
     """``timing_cache`` (TensorRT only) is read before the build and updated after it."""
     backend = get_backend(target.backend.value)
     built = run_isolated(
-        "build", _build_engine, target.backend.value, onnx_path, target, spec, work_dir, timing_cache,
-        timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
+        "build",
+        _build_engine,
+        target.backend.value,
+        onnx_path,
+        target,
+        spec,
+        work_dir,
+        timing_cache,
+        timeout_s=spec.isolation.timeout_s,
+        memory_mb=spec.isolation.memory_mb,
     )
     runner = backend.load_runner(built.engine_path)
     result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous)

@@ -176,8 +176,7 @@ class CompatibilityReport(BaseModel):
     def failure_message(self) -> str:
         """Every unsupported node with reason and fix, for the error that stops a run."""
         lines = [
-            f"{len(self.unsupported)} node(s) of {self.model} cannot run on TensorRT {self.tensorrt_version} "
-            f"(checked with {self.source}):"
+            f"{len(self.unsupported)} node(s) of {self.model} cannot run on TensorRT {self.tensorrt_version} (checked with {self.source}):"
         ]
         for node in self.unsupported:
             lines.append(f"  {node.name} [{_op_key(node.domain, node.op_type)}]: {node.reason}")
@@ -301,9 +300,7 @@ def _load_model(path: Path):
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         message = str(err).strip().splitlines()[0]
-        if "TensorProto" in message and (
-            "external" in message.lower() or "stored in" in message or "inside" in message
-        ):
+        if "TensorProto" in message and ("external" in message.lower() or "stored in" in message or "inside" in message):
             raise StageError(
                 STAGE,
                 f"{path}: external data refused: {message}. External data must be regular files inside "
@@ -386,12 +383,7 @@ class _Scope:
                 if tensor is not None:
                     self.constants[node.output[0]] = tensor
             # TensorRT's parser passes weights through Identity unchanged, so they stay initializers.
-            if (
-                node.op_type == "Identity"
-                and node.domain in DEFAULT_DOMAINS
-                and node.input
-                and node.input[0] in self.constants
-            ):
+            if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and node.input and node.input[0] in self.constants:
                 self.constants[node.output[0]] = self.constants[node.input[0]]
 
     def is_constant(self, name: str) -> bool:
@@ -435,9 +427,7 @@ def _constant_node_tensor(node):
             is_float = attribute.name.startswith("value_float")
             dims = [] if attribute.name in ("value_float", "value_int") else [len(value)]
             values = value if isinstance(value, list) else [value]
-            return helper.make_tensor(
-                node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values
-            )
+            return helper.make_tensor(node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values)
     return None
 
 
@@ -571,8 +561,7 @@ class _Checker:
                 findings.append(
                     _Finding(
                         "conditional",
-                        f"TensorRT {self.version} restricts {node.op_type}: {restriction['text']}; the static check "
-                        "cannot verify this",
+                        f"TensorRT {self.version} restricts {node.op_type}: {restriction['text']}; the static check cannot verify this",
                         CONFIRM_FIX,
                     )
                 )
@@ -635,8 +624,7 @@ class _Checker:
         if not scope.is_constant(tensor):
             return _Finding(
                 "unsupported",
-                f"input '{input}' (tensor '{tensor}') must be an initializer for TensorRT {self.version}, "
-                "but it is computed in the graph",
+                f"input '{input}' (tensor '{tensor}') must be an initializer for TensorRT {self.version}, but it is computed in the graph",
                 FOLD_FIX,
             )
         if equals is False:
@@ -731,8 +719,7 @@ class _Checker:
             return None
         return _Finding(
             "unsupported",
-            f"{dims}D {node.op_type}; TensorRT {self.version} takes it only over "
-            f"{' or '.join(map(str, ranks))} spatial dimensions",
+            f"{dims}D {node.op_type}; TensorRT {self.version} takes it only over {' or '.join(map(str, ranks))} spatial dimensions",
             "reshape around it so the operation runs in 2D or 3D (e.g. 1D as 2D with a dimension of 1)",
         )
 
@@ -789,8 +776,7 @@ class _Checker:
         if shape is None:
             return _Finding(
                 "conditional",
-                f"with scales from a tensor, TensorRT {self.version} needs Resize's axes to be 0..rank-1; "
-                "the input's rank is unknown here",
+                f"with scales from a tensor, TensorRT {self.version} needs Resize's axes to be 0..rank-1; the input's rank is unknown here",
                 CONFIRM_FIX,
             )
         rank = len(shape)
@@ -871,8 +857,7 @@ class _Checker:
             return None
         return _Finding(
             "conditional",
-            f"{attribute}={_attribute(node, attribute, schema)} is ignored by TensorRT: its random values differ "
-            "from other runtimes'",
+            f"{attribute}={_attribute(node, attribute, schema)} is ignored by TensorRT: its random values differ from other runtimes'",
             "do not rely on reproducible random values from the engine",
         )
 
@@ -882,8 +867,7 @@ class _Checker:
         if shape is None or axis is None:
             return _Finding(
                 "conditional",
-                f"TensorRT {self.version} needs the {attribute} dimension of {node.op_type}'s input to be static; "
-                "it is unknown here",
+                f"TensorRT {self.version} needs the {attribute} dimension of {node.op_type}'s input to be static; it is unknown here",
                 CONFIRM_FIX,
             )
         dim = shape[axis % len(shape)] if shape else None
@@ -962,11 +946,7 @@ class _Checker:
                     "map_type": "a map",
                     "sparse_tensor_type": "a sparse tensor",
                 }.get(kind, f"a {kind}")
-                findings.append(
-                    _Finding(
-                        "unsupported", f"{role} '{tensor}' is {what}; TensorRT takes only dense tensors", NON_TENSOR_FIX
-                    )
-                )
+                findings.append(_Finding("unsupported", f"{role} '{tensor}' is {what}; TensorRT takes only dense tensors", NON_TENSOR_FIX))
                 continue
             elem = type_proto.tensor_type.elem_type
             if elem == TensorProto.UNDEFINED:
@@ -1211,8 +1191,7 @@ def merge_parser_result(
                     update={
                         "status": "unsupported",
                         "reason": f"TensorRT's parser: {message}",
-                        "fix": fix
-                        or "change or replace this node as the parser's message says, or serve the op with a declared plugin",
+                        "fix": fix or "change or replace this node as the parser's message says, or serve the op with a declared plugin",
                     }
                 )
             )
@@ -1220,9 +1199,7 @@ def merge_parser_result(
             merged.append(node.model_copy(update={"status": "supported", "reason": "", "fix": ""}))
         else:
             prefix = f"not imported: TensorRT's parser stops at the first failing node ({nodes[first_failure].name})"
-            reason = (
-                f"{prefix}; static table: {node.reason}" if node.reason else f"{prefix}; the static table finds nothing"
-            )
+            reason = f"{prefix}; static table: {node.reason}" if node.reason else f"{prefix}; the static table finds nothing"
             merged.append(node.model_copy(update={"reason": reason}))
     for error in unplaced:
         merged.append(
@@ -1236,10 +1213,7 @@ def merge_parser_result(
         )
     notes = []
     if first_failure < len(nodes):
-        notes.append(
-            f"nodes after {nodes[first_failure].name} were not imported by the parser; their verdicts come from the "
-            "static table"
-        )
+        notes.append(f"nodes after {nodes[first_failure].name} were not imported by the parser; their verdicts come from the static table")
     return merged, notes
 
 
@@ -1253,9 +1227,7 @@ def _tensorrt_importable() -> bool:
 # --------------------------------------------------------------------------- the stage
 
 
-def analyse(
-    onnx_path: str, plugins: Sequence[str], tensorrt_version: str | None, use_tensorrt: bool | None
-) -> CompatibilityReport:
+def analyse(onnx_path: str, plugins: Sequence[str], tensorrt_version: str | None, use_tensorrt: bool | None) -> CompatibilityReport:
     """The whole check, in the current process; ``check_ops`` runs this in a child process."""
     path = Path(onnx_path)
     model = _load_model(path)
@@ -1277,9 +1249,7 @@ def analyse(
             except Exception as err:
                 if use_tensorrt:
                     raise StageError(STAGE, f"TensorRT's parser could not start: {type(err).__name__}: {err}") from None
-                notes.append(
-                    f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table"
-                )
+                notes.append(f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table")
             if parser_outcome is not None and tensorrt_version and use_tensorrt is None:
                 installed = parser_outcome[2]
                 if _version_key(installed) != _version_key(tensorrt_version):
@@ -1302,9 +1272,7 @@ def analyse(
             table, table_note = load_table(version)
         except StageError:
             table, _ = load_table(None)
-            table_note = (
-                f"trtforge has no operator table for TensorRT {version} or older; used {table.tensorrt_version}'s"
-            )
+            table_note = f"trtforge has no operator table for TensorRT {version} or older; used {table.tensorrt_version}'s"
         static = static_check(model, path.parent, table, plugins)
         nodes, merge_notes = merge_parser_result(static, parsed, errors, plugins)
         source = "tensorrt-parser"

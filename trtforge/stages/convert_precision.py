@@ -278,7 +278,9 @@ def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[Input
     samples = next(iter(counts.values()))
     batch_sizes = {inp.shape_at("opt")[0] for inp in model_inputs}
     if len(batch_sizes) > 1:
-        raise StageError(STAGE, f"the inputs of {onnx_path} have different opt sizes on axis 0 {sorted(batch_sizes)}: calibration needs one batch size")
+        raise StageError(
+            STAGE, f"the inputs of {onnx_path} have different opt sizes on axis 0 {sorted(batch_sizes)}: calibration needs one batch size"
+        )
     batch_size = batch_sizes.pop()
     if samples >= batch_size:
         return BatchPlan(batch_size=batch_size, batches=samples // batch_size)
@@ -413,7 +415,10 @@ def _check_options(options: PrecisionOptions, graph, onnx_path: Path, precision:
     for field, op_types in op_fields.items():
         unknown = [op for op in op_types if not onnx.defs.has(op)]
         if unknown:
-            raise StageError(STAGE, f"precision.{field} lists {unknown}, which are not ONNX operator types (they are case-sensitive, e.g. 'Conv', 'MatMul')")
+            raise StageError(
+                STAGE,
+                f"precision.{field} lists {unknown}, which are not ONNX operator types (they are case-sensitive, e.g. 'Conv', 'MatMul')",
+            )
     node_names = [node.name for node in graph.node]
     for field, patterns in node_fields.items():
         for pattern in patterns:

@@ -67,8 +67,13 @@ def export_onnx(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResul
     model code are native-heavy, and a crash there must fail only this stage.
     """
     return run_isolated(
-        STAGE, _export_onnx_impl, spec, checkpoint, out_dir,
-        timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
+        STAGE,
+        _export_onnx_impl,
+        spec,
+        checkpoint,
+        out_dir,
+        timeout_s=spec.isolation.timeout_s,
+        memory_mb=spec.isolation.memory_mb,
     )
 
 
@@ -113,7 +118,9 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
     expected = [i.name for i in spec.inputs]
     if declared != expected:
         partial.unlink(missing_ok=True)
-        raise StageError(STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order")
+        raise StageError(
+            STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order"
+        )
     try:
         diffs = max_abs_diff_by_level(spec, onnx_runner(partial, [o.name for o in spec.outputs]), _torch_reference(model))
     except Exception as err:
@@ -137,4 +144,3 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
         max_abs_diff=diffs,
         seconds=time.perf_counter() - started,
     )
-

@@ -94,6 +94,7 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _recall_at_k(candidate: np.ndarray, reference: np.ndarray, k: int) -> float:
     """Share of reference top-k nearest neighbours (cosine) that the candidate embeddings also retrieve."""
+
     def neighbours(x: np.ndarray) -> np.ndarray:
         x = x.reshape(len(x), -1)
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -107,7 +108,9 @@ def _recall_at_k(candidate: np.ndarray, reference: np.ndarray, k: int) -> float:
     return float(np.sum(hits) / (k * len(ref)))
 
 
-def compute_metrics(spec: ModelSpec, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None) -> dict[str, float]:
+def compute_metrics(
+    spec: ModelSpec, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None
+) -> dict[str, float]:
     metrics: dict[str, float] = {}
     nonfinite = sum(int(np.size(o) - np.count_nonzero(np.isfinite(o))) for o in outputs.values())
     metrics["nonfinite_outputs"] = float(nonfinite)

@@ -57,8 +57,13 @@ def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path) -> SimplifyRe
     partial = out_dir / "model.sim.onnx.partial"
     try:
         before, after = run_isolated(
-            STAGE, _simplify_file, str(onnx_path), str(partial), list(spec.plugins),
-            timeout_s=spec.isolation.timeout_s, memory_mb=spec.isolation.memory_mb,
+            STAGE,
+            _simplify_file,
+            str(onnx_path),
+            str(partial),
+            list(spec.plugins),
+            timeout_s=spec.isolation.timeout_s,
+            memory_mb=spec.isolation.memory_mb,
         )
         outputs = [o.name for o in spec.outputs]
         diffs = max_abs_diff_by_level(
@@ -72,7 +77,9 @@ def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path) -> SimplifyRe
     worst = max(diffs.values())
     if worst > spec.export.tolerance:
         partial.unlink(missing_ok=True)
-        raise StageError(STAGE, f"simplified model differs from the exported one by {worst:.3g}, over export.tolerance {spec.export.tolerance:g}")
+        raise StageError(
+            STAGE, f"simplified model differs from the exported one by {worst:.3g}, over export.tolerance {spec.export.tolerance:g}"
+        )
     os.replace(partial, target)
     return SimplifyResult(
         onnx_path=target,

@@ -274,9 +274,7 @@ def eval_references(spec: ModelSpec, cal: CalibrationSpec) -> dict[str, InputRef
         raise CalibrationError(STAGE, f"eval data {path} is not a readable .npz ({err})") from None
     missing = [i.name for i in spec.inputs if i.name not in stored]
     if missing:
-        raise CalibrationError(
-            STAGE, f"eval data {path} has no array for input(s) {missing}: save one array per input name"
-        )
+        raise CalibrationError(STAGE, f"eval data {path} has no array for input(s) {missing}: save one array per input name")
     references = {}
     for input_spec in spec.inputs:
         array = stored[input_spec.name]
@@ -657,9 +655,7 @@ def _run_great_expectations(spec: ModelSpec, table, checks: list[Check]):
     suite = context.suites.add(gx.ExpectationSuite(name=f"{spec.name}-calibration"))
     for check in checks:
         suite.add_expectation(check.expectation)
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{spec.name}-calibration", data=batch, suite=suite)
-    )
+    validation = context.validation_definitions.add(gx.ValidationDefinition(name=f"{spec.name}-calibration", data=batch, suite=suite))
     result = validation.run(
         batch_parameters={"dataframe": table},
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [SAMPLE_COLUMN]},
