@@ -13,7 +13,7 @@ from trtforge.backends.base import get_backend
 from trtforge.errors import CheckpointError, SpecError, StageError
 from trtforge.evalset import load_eval_set
 from trtforge.isolation import run_isolated
-from trtforge.onnxsafe import OnnxModelError
+from trtforge.safeio import OnnxModelError
 from trtforge.stages.checkpoint import ensure_checkpoint
 from trtforge.stages.export import export_onnx
 from trtforge.stages.gate import PreviousRelease, gate_target

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.containment import Outside
 from trtforge.errors import TrtforgeError
-from trtforge.onnxsafe import OnnxModelError, load_onnx_safely
+from trtforge.safeio import OnnxModelError, load_onnx_safely
 from trtforge.spec import Precision, PrecisionOptions
 from trtforge.stages.convert_precision import convert_precision
 from trtforge.stages.simplify import simplify_onnx

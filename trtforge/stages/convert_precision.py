@@ -37,7 +37,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.isolation import run_isolated
 from trtforge.numeric import NUMPY_DTYPES
-from trtforge.onnxsafe import load_onnx_safely
+from trtforge.safeio import load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 
 STAGE = "convert-precision"

@@ -15,7 +15,7 @@ from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.modelload import load_model
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner, random_inputs
-from trtforge.onnxsafe import OnnxModelError, load_onnx_safely
+from trtforge.safeio import OnnxModelError, load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "export"

@@ -17,7 +17,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner
-from trtforge.onnxsafe import load_onnx_safely
+from trtforge.safeio import load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "simplify"
