@@ -1,6 +1,6 @@
-"""Loading an ONNX file that nobody vouches for.
+"""Reading files that nobody vouches for, and writing files so that no reader sees half of one.
 
-An ONNX model is not just numbers: an initializer can name an "external data" file anywhere
+Reading. An ONNX model is not just numbers: an initializer can name an "external data" file anywhere
 on disk, a node can name an operator from a custom domain that only a native plugin library
 implements, and a truncated or hand-edited file can declare tensors whose bytes do not match
 their shape. ``load_onnx_safely`` checks all of that before onnx reads a single byte of
@@ -20,15 +20,29 @@ external data, for every ONNX the pipeline loads, its own export included:
 - the model passes ``onnx.checker``.
 
 Any failure is an ``OnnxModelError`` naming the file, the tensor or node, and the fix.
+
+Writing. ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``, ``atomic_copy``
+and ``atomic_writer`` write to a hidden temporary file with a name unique to the call, in the
+destination's own folder (a rename is atomic only within one filesystem), fsync it, rename it
+over the destination and fsync the folder, so that after a crash the destination holds either
+its old content or the new, and concurrent writers of one path never collide. A failure
+removes the temporary file and leaves the destination as it was. ``atomic_directory`` does the
+same for a whole folder. Temporary names are ``.NAME.tmp-RANDOM``: ``is_temporary`` recognises
+them, so a cleaner can tell a crashed write's leftovers from real files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import shutil
 import stat
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, BinaryIO
 
 from trtforge.errors import TrtforgeError
 
@@ -311,3 +325,162 @@ def _graph_nodes(graph, where: str) -> Iterator[tuple[object, str]]:
             subgraphs = [attribute.g] if attribute.HasField("g") else []
             for subgraph in [*subgraphs, *attribute.graphs]:
                 yield from _graph_nodes(subgraph, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+TEMP_MARK = ".tmp-"
+_COPY_BLOCK = 8 * 1024 * 1024
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary name that the atomic writers below give their files and folders."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def temporary_target(name: str) -> str:
+    """The destination name a temporary name was made for (``.model.onnx.tmp-ab12`` -> ``model.onnx``)."""
+    return name[1:].rpartition(TEMP_MARK)[0]
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename or creation inside ``folder`` durable: the folder's entry list is data too."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(final: Path) -> Path:
+    return final.parent / f".{final.name}{TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def _create_temp_file(final: Path) -> tuple[Path, BinaryIO]:
+    # O_EXCL with a random name rather than tempfile.mkstemp: mkstemp makes the file private
+    # (0600), and the rename would then change who may read the destination; created here, the
+    # file gets the same permissions (the umask's) that a plain open() would give it.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temp = _temp_path(final)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        return temp, os.fdopen(fd, "wb")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content into; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    temp, handle = _create_temp_file(path)
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically and durably; returns ``path``."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` (UTF-8) atomically and durably; returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2, default: Any = None) -> Path:
+    """Replace ``path`` with ``obj`` as JSON atomically and durably; ``default`` is ``json.dumps``'s."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+def atomic_copy(src: Path, dst: Path) -> Path:
+    """Replace ``dst`` with a copy of ``src``'s content atomically and durably; returns ``dst``."""
+    with open(src, "rb") as source, atomic_writer(dst) as handle:
+        shutil.copyfileobj(source, handle, _COPY_BLOCK)
+    return Path(dst)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_symlink() or not file.is_file():
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A fresh empty folder next to ``final`` to fill; renamed to ``final`` only if the block succeeds.
+
+    Everything in it is fsynced before the rename. If ``final`` exists by then, ``replace=True``
+    swaps it out (readers see the old folder or the new one, or for an instant none) and
+    ``replace=False`` raises ``FileExistsError``, keeping ``final``: the choice for a cache
+    whose concurrent writers produce equivalent entries. Any failure removes the new folder.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temp = _temp_path(final)
+        try:
+            # Not tempfile.mkdtemp: its folder is private (0700); this one gets the umask's mode.
+            temp.mkdir(0o777)
+        except FileExistsError:
+            continue
+        break
+    try:
+        yield temp
+        _fsync_tree(temp)
+        if replace:
+            _swap_directory(temp, final)
+        else:
+            _rename_directory(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    fsync_directory(final.parent)
+
+
+def _rename_directory(temp: Path, final: Path) -> None:
+    # rename(2) onto an existing folder succeeds only if that folder is empty, and onto a file fails.
+    try:
+        os.rename(temp, final)
+    except OSError as err:
+        if final.exists():
+            raise FileExistsError(f"{final} already exists") from err
+        raise
+
+
+def _swap_directory(temp: Path, final: Path) -> None:
+    old = _temp_path(final)
+    try:
+        os.rename(final, old)
+    except FileNotFoundError:
+        old = None
+    try:
+        os.rename(temp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
