@@ -157,7 +157,7 @@ def test_gc_claim_loses_to_a_published_manifest(registry_uri, tmp_path, signing_
     registry = open_registry(registry_uri)
     publish(registry, tmp_path / "first", b"engine 1", "1", signing_key)
     manifest = registry.store.get(f"{MODEL}/versions/1/manifest.json").data
-    assert registry._claim_unfinished(MODEL, 1) is False
+    assert registry.maintenance._claim_unfinished(MODEL, 1) is False
     assert registry.store.get(f"{MODEL}/versions/1/manifest.json").data == manifest
     assert_consistent(registry, signing_key)
 

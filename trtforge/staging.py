@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trtforge.errors import RegistryError
 from trtforge.hashing import sha256_file
+from trtforge.registry.common import staging_prefix
 from trtforge.summary import TargetOutcome
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -28,7 +29,7 @@ class Staging:
         if not RUN_ID.match(run_id):
             raise RegistryError(f"invalid staging run id {run_id!r}")
         self.registry = registry
-        self.prefix = f"{model}/staging/{run_id}"
+        self.prefix = staging_prefix(model, run_id)
 
     def put(self, name: str, path: Path) -> str:
         key = f"{self.prefix}/{name}"

@@ -1,20 +1,14 @@
-"""The versioned engine registry: publish, resolve, promote, pull, gc.
+"""The versioned engine registry: a reader (resolve, manifest, pull), a publisher and maintenance (verify, gc).
 
 Importable with the core install only (boto3, pydantic, nvidia-ml-py): no torch, onnx or Prefect.
 """
 
+from trtforge.registry.maintenance import GcReport, Maintenance, VerifyReport
 from trtforge.registry.manifest import AliasRecord, FileEntry, Lineage, Manifest, TargetEntry
+from trtforge.registry.publisher import Publisher, TargetArtifacts
 from trtforge.registry.pull import PulledFile, PullResult, choose_target
-from trtforge.registry.registry import (
-    REGISTRY_ENV,
-    GcReport,
-    ModelListing,
-    Registry,
-    TargetArtifacts,
-    VerifyReport,
-    open_registry,
-    registry_uri_from_env,
-)
+from trtforge.registry.reader import ModelListing, RegistryReader
+from trtforge.registry.registry import REGISTRY_ENV, Registry, open_registry, open_registry_store, registry_uri_from_env
 from trtforge.registry.signing import (
     KeySigner,
     SignatureError,
@@ -31,12 +25,15 @@ __all__ = [
     "GcReport",
     "KeySigner",
     "Lineage",
+    "Maintenance",
     "Manifest",
     "ModelListing",
     "ObjectStore",
+    "Publisher",
     "PullResult",
     "PulledFile",
     "Registry",
+    "RegistryReader",
     "SignatureError",
     "SigstoreSigner",
     "TargetArtifacts",
@@ -47,5 +44,6 @@ __all__ = [
     "VerifyReport",
     "choose_target",
     "open_registry",
+    "open_registry_store",
     "registry_uri_from_env",
 ]

@@ -24,7 +24,7 @@ def publish_release(
     extra: dict[str, Any],
 ) -> int:
     """Publish every passed target; returns the new version number."""
-    from trtforge.registry import TargetArtifacts, open_registry
+    from trtforge.registry import Publisher, TargetArtifacts, open_registry_store
 
     artifacts = [
         TargetArtifacts(
@@ -39,7 +39,7 @@ def publish_release(
         for o in outcomes
         if o.status is TargetStatus.PASSED
     ]
-    manifest = open_registry(uri).publish(
+    manifest = Publisher(open_registry_store(uri)).publish(
         spec.name,
         artifacts,
         lineage=lineage,
