@@ -3,9 +3,9 @@
 For each repetition, the same bytes go through
 
 * ``upload_file`` / ``download_file`` of a plain boto3 client (same part size and concurrency),
-* ``Registry.publish`` (hash, multipart upload with SHA-256 per part, read-back, manifest, alias),
-* ``Registry.pull`` into an empty cache (download, SHA-256 check, atomic placement),
-* ``Registry.pull`` again with the cache warm (what a redeploy costs),
+* ``Publisher.publish`` (hash, multipart upload with SHA-256 per part, read-back, manifest, alias),
+* ``RegistryReader.pull`` into an empty cache (download, SHA-256 check, atomic placement),
+* ``RegistryReader.pull`` again with the cache warm (what a redeploy costs),
 
 and the medians are printed as seconds, MB/s and ratios to plain boto3. Without
 ``AWS_ENDPOINT_URL`` set, a local SeaweedFS server is started for the run (``weed`` from the
