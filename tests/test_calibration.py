@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from tests.conftest import DIGITS_DIR, DIGITS_SPEC, REPO
 from trtforge.calibration import content_sha256, load_calibration
 from trtforge.cli import app
-from trtforge.errors import CalibrationError
+from trtforge.errors import CalibrationError, DataFileError
 from trtforge.spec import InputSpec, ModelSpec, Preprocessing, load_spec
 from trtforge.stages.validate_calibration import CalibrationReport, validate_calibration
 
@@ -332,7 +332,7 @@ def test_loader_errors_name_the_file_and_the_fix(digits_spec, shipped, tmp_path)
         load_calibration(digits_spec, tmp_path / "short_labels.npz")
 
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04garbage")
-    with pytest.raises(CalibrationError, match=r"broken\.npz is not a readable \.npz"):
+    with pytest.raises(DataFileError, match=r"calibration data .*broken\.npz is not a readable \.npz .*numpy\.savez"):
         load_calibration(digits_spec, tmp_path / "broken.npz")
 
     (tmp_path / "set.csv").write_text("1,2,3\n")

@@ -1,17 +1,25 @@
-"""Atomic writes: readers never see half a file, concurrent writers never collide, failures leave nothing behind."""
+"""Atomic writes: readers never see half a file, concurrent writers never collide, failures leave nothing behind.
+
+Untrusted arrays: every reader goes through one loader with size caps and one error class.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
 import signal
 import threading
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.forking import run_then_exit
+from trtforge.errors import DataFileError
+from trtforge.evalset import load_eval_set
 from trtforge.safeio import (
     atomic_copy,
     atomic_directory,
@@ -20,8 +28,11 @@ from trtforge.safeio import (
     atomic_write_text,
     atomic_writer,
     is_temporary,
+    load_array,
+    load_arrays,
     temporary_target,
 )
+from trtforge.stages.validate_calibration import eval_references
 
 PAYLOAD_BYTES = 2 * 1024 * 1024
 WRITES_PER_WRITER = 12
@@ -232,3 +243,62 @@ def test_concurrent_creators_of_one_folder_produce_one_whole_folder(tmp_path):
     contents = {(final / f"part-{index}").read_bytes() for index in range(20)}
     assert contents == {bytes([winners[0] + 1]) * 10_000}
     assert os.listdir(final.parent) == ["entry"]
+
+
+# ---------------------------------------------------------------- untrusted arrays
+
+
+def _with_eval_data(spec, path: Path):
+    return spec.model_copy(update={"eval": spec.eval.model_copy(update={"data": path})})
+
+
+def test_eval_set_reader_refuses_a_compressed_npz_bomb_before_numpy_inflates_it(digits_spec, tmp_path):
+    bomb = tmp_path / "eval.npz"
+    # Zeros deflate about a thousandfold: far past the 200-times ratio cap.
+    np.savez_compressed(bomb, input=np.zeros((4 * 1024**2,), np.float32), labels=np.zeros(4, np.int64))
+    with pytest.raises(DataFileError, match=rf"eval data {bomb} was refused: it unpacks to more than 200 times its packed size"):
+        load_eval_set(_with_eval_data(digits_spec, bomb))
+
+
+def test_eval_set_reader_refuses_a_header_declaring_more_than_the_file_holds(digits_spec, tmp_path):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 1, 8, 8)})
+    forged = tmp_path / "eval.npz"
+    with zipfile.ZipFile(forged, "w", zipfile.ZIP_STORED) as bundle:
+        bundle.writestr("input.npy", header.getvalue() + bytes(64))
+    spec = _with_eval_data(digits_spec, forged)
+    expected = rf"array 'input.npy' in eval data {forged} declares shape \(100000000000, 1, 8, 8\) of float32 .* but holds only"
+    with pytest.raises(DataFileError, match=expected):
+        load_eval_set(spec)
+    # The calibration check reads the same file through the same loader, with the same refusal.
+    with pytest.raises(DataFileError, match=expected):
+        eval_references(spec, digits_spec.calibration)
+
+
+def test_eval_set_reader_refuses_an_npz_over_the_spec_calibration_byte_cap(digits_spec, tmp_path):
+    data = tmp_path / "eval.npz"
+    np.savez(data, input=np.ones((64, 1, 8, 8), np.float32), labels=np.zeros(64, np.int64))
+    calibration = digits_spec.calibration.model_copy(update={"max_archive_bytes": 4096})
+    spec = _with_eval_data(digits_spec, data).model_copy(update={"calibration": calibration})
+    with pytest.raises(DataFileError, match=r"unpacks to more than 4096 bytes \(calibration.max_archive_bytes\)"):
+        load_eval_set(spec)
+
+
+def test_array_files_with_pickled_objects_or_no_zip_are_refused(tmp_path):
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataFileError, match=rf"reference outputs {pickled} is not a readable \.npy .*numpy\.save"):
+        load_array(pickled, what="reference outputs")
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataFileError, match=rf"reference outputs {broken} is not a readable \.npz"):
+        load_arrays(broken, what="reference outputs")
+    with pytest.raises(DataFileError, match=rf"reference outputs {tmp_path} is not a regular file"):
+        load_arrays(tmp_path, what="reference outputs")
+
+
+def test_load_arrays_reads_only_the_names_asked_for(tmp_path):
+    path = tmp_path / "set.npz"
+    np.savez(path, input=np.arange(6, dtype=np.float32), labels=np.arange(6))
+    assert sorted(load_arrays(path, what="eval data")) == ["input", "labels"]
+    assert list(load_arrays(path, what="eval data", names={"labels", "missing"})) == ["labels"]

@@ -24,13 +24,13 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.containment import Outside
-from trtforge.calibration import ArchiveLimits, extract_archive, load_calibration
-from trtforge.errors import CalibrationError
+from trtforge.calibration import extract_archive, load_calibration
+from trtforge.errors import CalibrationError, DataFileError
+from trtforge.safeio import DEFAULT_LIMITS
 from trtforge.spec import ModelSpec, Preprocessing
 from trtforge.stages.validate_calibration import validate_calibration
 
 SHIPPED_SET = REPO / "calibration_data" / "digits" / "calibration.npz"
-DEFAULT_LIMITS = ArchiveLimits(max_members=100_000, max_bytes=2 * 1024**3, max_ratio=200.0)
 
 
 @pytest.fixture
@@ -266,7 +266,7 @@ def test_compressed_npz_bomb_is_refused_before_numpy_inflates_it(digits_spec, tm
     bomb = inside / "calib.npz"
     np.savez_compressed(bomb, input=np.zeros((16 * 1024**2,), np.float32))
     outside = Outside(tmp_path)
-    with pytest.raises(CalibrationError, match=rf"calibration archive {bomb} was refused: it unpacks to more than 200 times"):
+    with pytest.raises(DataFileError, match=rf"calibration data {bomb} was refused: it unpacks to more than 200 times"):
         load_calibration(digits_spec, bomb)
     outside.assert_untouched()
 
@@ -277,7 +277,7 @@ def test_npz_whose_header_claims_more_than_it_holds_is_refused(digits_spec, tmp_
     forged = inside / "calib.npz"
     write_zip(forged, [("input.npy", header.getvalue() + bytes(64))], compression=zipfile.ZIP_STORED)
     with pytest.raises(
-        CalibrationError, match=r"array 'input.npy' .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only"
+        DataFileError, match=r"array 'input.npy' in calibration data .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only"
     ):
         load_calibration(digits_spec, forged)
 

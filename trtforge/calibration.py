@@ -15,8 +15,9 @@ and refused before anything is written when a member's path is absolute or climb
 ``..``, when a member is a symbolic link, a hard link to anything but an earlier file of the
 archive, a device or a FIFO, or when the archive holds more members, more bytes or a higher
 unpacked-to-packed ratio than the spec's ``max_archive_*`` caps (zip bombs). Tar members go
-through tarfile's ``data`` filter as well. An ``.npz`` is a zip archive too: its declared sizes
-are held to the same caps before numpy allocates anything.
+through tarfile's ``data`` filter as well. An ``.npz`` is a zip archive too: ``trtforge.safeio``
+reads it (and an ``.npy``), holding its declared sizes to the same caps before numpy allocates
+anything; a bad array file is a ``DataFileError``.
 
 Arrays are returned as stored: checking them against the spec is the job of
 ``trtforge.stages.validate_calibration``.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import stat
 import tarfile
@@ -39,7 +39,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from trtforge.errors import CalibrationError
+from trtforge.errors import CalibrationError, DataFileError
+from trtforge.safeio import ArchiveLimits, load_array, load_arrays
 from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec, Preprocessing
 
 STAGE = "calibration"
@@ -153,12 +154,7 @@ def content_sha256(arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> 
 
 
 def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    _check_npz_sizes(path, cal)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            stored = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise CalibrationError(STAGE, f"calibration data {path} is not a readable .npz ({err}): write it with numpy.savez") from None
+    stored = load_arrays(path, what="calibration data", limits=archive_limits(cal))
     names = [i.name for i in spec.inputs]
     missing = [n for n in names if n not in stored]
     if missing:
@@ -189,13 +185,7 @@ def _read_npy(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
             f"calibration data {path} is an .npy, which holds no labels: save the set as an .npz with "
             f"arrays {only.name!r} and {cal.labels!r}, or remove calibration.labels from the spec",
         )
-    try:
-        with open(path, "rb") as handle:
-            _check_npy_header(handle, path.stat().st_size, f"calibration data {path}")
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise CalibrationError(STAGE, f"calibration data {path} is not a readable .npy ({err}): write it with numpy.save") from None
-    arrays = {only.name: array}
+    arrays = {only.name: load_array(path, what="calibration data", limits=archive_limits(cal))}
     _check_arrays(path, arrays, None)
     return arrays, None
 
@@ -337,21 +327,9 @@ def _unreadable_message(folder: Path, unreadable: dict[str, str]) -> str:
 # --------------------------------------------------------------------------- archives
 
 
-@dataclass(frozen=True)
-class ArchiveLimits:
-    """Caps on what one archive may unpack to (the spec's ``calibration.max_archive_*``)."""
-
-    max_members: int
-    max_bytes: int
-    max_ratio: float
-
-    @classmethod
-    def from_spec(cls, cal: CalibrationSpec) -> ArchiveLimits:
-        return cls(cal.max_archive_members, cal.max_archive_bytes, cal.max_archive_ratio)
-
-    def byte_budget(self, archive: Path) -> int:
-        """Most bytes ``archive`` may unpack to: the size cap, or the ratio cap times its packed size."""
-        return min(self.max_bytes, int(self.max_ratio * max(archive.stat().st_size, 1)))
+def archive_limits(cal: CalibrationSpec) -> ArchiveLimits:
+    """The spec's ``calibration.max_archive_*`` caps, for calibration archives and array files alike."""
+    return ArchiveLimits(cal.max_archive_members, cal.max_archive_bytes, cal.max_archive_ratio, setting="calibration.max_archive")
 
 
 def _archive_suffix(path: Path) -> str | None:
@@ -384,25 +362,11 @@ def _refuse(archive: Path, member: str, reason: str) -> CalibrationError:
 
 
 def _over_limits(archive: Path, limits: ArchiveLimits, unpacked: int) -> CalibrationError:
-    packed = max(archive.stat().st_size, 1)
-    if unpacked > limits.max_bytes:
-        reason = f"unpacks to more than {limits.max_bytes} bytes (calibration.max_archive_bytes)"
-    else:
-        reason = (
-            f"unpacks to more than {limits.max_ratio:g} times its packed size of {packed} bytes "
-            "(calibration.max_archive_ratio), as zip bombs do"
-        )
-    return CalibrationError(
-        STAGE, f"calibration archive {archive} was refused: it {reason}; raise the cap in the spec if the set is genuine"
-    )
+    return CalibrationError(STAGE, limits.too_large("calibration archive", archive, unpacked))
 
 
 def _too_many_members(archive: Path, limits: ArchiveLimits) -> CalibrationError:
-    return CalibrationError(
-        STAGE,
-        f"calibration archive {archive} was refused: it holds more than {limits.max_members} members "
-        "(calibration.max_archive_members); pack fewer files, or raise the cap in the spec if the set is genuine",
-    )
+    return CalibrationError(STAGE, limits.too_many_members("calibration archive", archive))
 
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
@@ -568,56 +532,11 @@ def _archive_content(archive: Path, folder: Path) -> Path:
 def _load_archive(archive: Path, spec: ModelSpec, cal: CalibrationSpec, skip_unreadable: bool) -> CalibrationSet:
     with tempfile.TemporaryDirectory(prefix="trtforge-calibration-") as unpacked:
         folder = Path(unpacked)
-        extract_archive(archive, folder, ArchiveLimits.from_spec(cal))
+        extract_archive(archive, folder, archive_limits(cal))
         content = _archive_content(archive, folder)
         try:
             loaded = _load_unpacked(content, spec, cal, skip_unreadable)
-        except CalibrationError as err:
+        except (CalibrationError, DataFileError) as err:
             # Name the file inside the archive, not the temporary folder that is about to vanish.
-            raise CalibrationError(str(err).replace(f"{folder}/", f"{archive}:").replace(str(folder), str(archive))) from None
+            raise type(err)(str(err).replace(f"{folder}/", f"{archive}:").replace(str(folder), str(archive))) from None
     return replace(loaded, source=archive)
-
-
-def _check_npz_sizes(path: Path, cal: CalibrationSpec) -> None:
-    """An .npz is a zip: refuse a bomb, or a header declaring more than the file holds, before numpy allocates."""
-    limits = ArchiveLimits.from_spec(cal)
-    try:
-        with zipfile.ZipFile(path) as bundle:
-            infos = bundle.infolist()
-            if len(infos) > limits.max_members:
-                raise _too_many_members(path, limits)
-            declared = sum(info.file_size for info in infos)
-            if declared > limits.byte_budget(path):
-                raise _over_limits(path, limits, declared)
-            for info in infos:
-                with bundle.open(info) as member:
-                    _check_npy_header(member, info.file_size, f"array {info.filename!r} in calibration data {path}")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
-        raise CalibrationError(
-            STAGE, f"calibration data {path} is not a readable .npz ({type(err).__name__}: {err}): write it with numpy.savez"
-        ) from None
-
-
-def _check_npy_header(stream, available: int, what: str) -> None:
-    """Refuse an .npy whose header declares more data than the file holds: numpy would allocate it all first."""
-    from numpy.lib import format as npy_format
-
-    try:
-        version = npy_format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = npy_format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, _, dtype = npy_format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"format version {version[0]}.{version[1]} is for structured arrays")
-    except ValueError as err:
-        raise CalibrationError(
-            STAGE, f"{what} is not a plain numeric .npy array ({err}): write it with numpy.save or numpy.savez"
-        ) from None
-    needed = math.prod(shape) * dtype.itemsize
-    if needed > available:
-        raise CalibrationError(
-            STAGE,
-            f"{what} declares shape {tuple(shape)} of {dtype} ({needed} bytes) but holds only {available} bytes: "
-            "the file is truncated or forged; write it again with numpy.save",
-        )

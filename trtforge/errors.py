@@ -20,6 +20,10 @@ class CheckpointError(TrtforgeError):
     """The checkpoint cannot be produced, read or matched to the model."""
 
 
+class DataFileError(TrtforgeError):
+    """An array file (.npz/.npy: calibration set, eval set, reference outputs) is unreadable, malformed or over its size caps."""
+
+
 class StageError(TrtforgeError):
     """A pipeline stage failed on its input; the message names the stage."""
 

@@ -1,4 +1,9 @@
-"""The eval set: arrays keyed by input name (first axis = samples) plus optional labels, checked against the spec."""
+"""The eval set: arrays keyed by input name (first axis = samples) plus optional labels, checked against the spec.
+
+The file is read by ``trtforge.safeio.load_arrays``, under the same size caps as a calibration set
+(the spec's ``calibration.max_archive_*`` where it has a calibration section, else the defaults);
+a file that cannot be read is a ``DataFileError``, one that does not fit the spec a ``SpecError``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trtforge.calibration import archive_limits
 from trtforge.errors import SpecError
 from trtforge.numeric import NUMPY_DTYPES
+from trtforge.safeio import DEFAULT_LIMITS, ArchiveLimits, load_arrays
 from trtforge.spec import ModelSpec
 
 
@@ -27,15 +34,17 @@ class EvalSet:
             yield {name: array[start : start + batch_size] for name, array in self.inputs.items()}
 
 
+def eval_limits(spec: ModelSpec) -> ArchiveLimits:
+    """Size caps for reading the eval set."""
+    # The spec has no caps of its own for the eval set: one that raised its calibration caps for big sets gets them here too.
+    return archive_limits(spec.calibration) if spec.calibration is not None else DEFAULT_LIMITS
+
+
 def load_eval_set(spec: ModelSpec) -> EvalSet:
     path = spec.eval.data
     if not path.is_file():
         raise SpecError(f"eval.data: {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as err:
-        raise SpecError(f"eval.data: {path} is not a readable .npz file: {err}") from None
+    arrays = load_arrays(path, what="eval data", limits=eval_limits(spec))
     inputs = {}
     for inp in spec.inputs:
         if inp.name not in arrays:

@@ -21,6 +21,13 @@ external data, for every ONNX the pipeline loads, its own export included:
 
 Any failure is an ``OnnxModelError`` naming the file, the tensor or node, and the fix.
 
+Arrays (``load_arrays`` for an .npz, ``load_array`` for an .npy) are read without pickle, and
+only after their declared sizes passed ``ArchiveLimits``: an .npz is a zip archive, so its
+member count, total unpacked size and unpacked-to-packed ratio are capped (zip bombs), and
+every array's header must not declare more bytes than the file holds, since numpy allocates
+the declared size before reading. Any failure is a ``DataFileError`` naming the file, the array
+and the fix.
+
 Writing. ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``, ``atomic_copy``
 and ``atomic_writer`` write to a hidden temporary file with a name unique to the call, in the
 destination's own folder (a rename is atomic only within one filesystem), fsync it, rename it
@@ -40,11 +47,17 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator, Sequence
+import zipfile
+import zlib
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from trtforge.errors import TrtforgeError
+from trtforge.errors import DataFileError, TrtforgeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
@@ -325,6 +338,140 @@ def _graph_nodes(graph, where: str) -> Iterator[tuple[object, str]]:
             subgraphs = [attribute.g] if attribute.HasField("g") else []
             for subgraph in [*subgraphs, *attribute.graphs]:
                 yield from _graph_nodes(subgraph, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what one archive (a .tar/.zip calibration set, or an .npz) may unpack to.
+
+    ``setting`` is where the caps come from in the spec (``calibration.max_archive``), named in
+    refusals so the user knows which value to raise; None for the built-in defaults.
+    """
+
+    max_members: int = 100_000
+    max_bytes: int = 2 * 1024**3
+    max_ratio: float = 200.0
+    setting: str | None = None
+
+    def byte_budget(self, archive: Path) -> int:
+        """Most bytes ``archive`` may unpack to: the size cap, or the ratio cap times its packed size."""
+        return min(self.max_bytes, int(self.max_ratio * max(archive.stat().st_size, 1)))
+
+    def _named(self, cap: str) -> str:
+        return f"{self.setting}_{cap}" if self.setting else f"trtforge's built-in {cap} cap"
+
+    def _fix(self) -> str:
+        if self.setting:
+            return "raise the cap in the spec if the file is genuine"
+        return "if the file is genuine, split it or use fewer samples"
+
+    def too_large(self, what: str, archive: Path, unpacked: int) -> str:
+        """The refusal of ``archive``, ``what`` it is, for unpacking to ``unpacked`` bytes."""
+        packed = max(archive.stat().st_size, 1)
+        if unpacked > self.max_bytes:
+            reason = f"unpacks to more than {self.max_bytes} bytes ({self._named('bytes')})"
+        else:
+            reason = (
+                f"unpacks to more than {self.max_ratio:g} times its packed size of {packed} bytes ({self._named('ratio')}), as zip bombs do"
+            )
+        return f"{what} {archive} was refused: it {reason}; {self._fix()}"
+
+    def too_many_members(self, what: str, archive: Path) -> str:
+        return (
+            f"{what} {archive} was refused: it holds more than {self.max_members} members "
+            f"({self._named('members')}); pack fewer files, or {self._fix()}"
+        )
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError)
+
+
+def load_arrays(
+    path: Path, *, what: str, limits: ArchiveLimits = DEFAULT_LIMITS, names: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of the .npz ``path`` by name (only those in ``names`` when given), checked as the module says.
+
+    ``what`` says what the file is (``"eval data"``), for messages. Arrays that ``names`` asks
+    for but the file lacks are simply absent: what their absence means is the caller's to say.
+    """
+    import numpy as np
+
+    path = Path(path)
+    _check_regular(path, what, "an .npz")
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            infos = bundle.infolist()
+            if len(infos) > limits.max_members:
+                raise DataFileError(limits.too_many_members(what, path))
+            declared = sum(info.file_size for info in infos)
+            if declared > limits.byte_budget(path):
+                raise DataFileError(limits.too_large(what, path, declared))
+            for info in infos:
+                with bundle.open(info) as member:
+                    check_npy_header(member, info.file_size, f"array {info.filename!r} in {what} {path}")
+        with np.load(path, allow_pickle=False) as archive:
+            wanted = archive.files if names is None else [name for name in archive.files if name in names]
+            return {name: archive[name] for name in wanted}
+    except _ZIP_ERRORS as err:
+        raise DataFileError(f"{what} {path} is not a readable .npz ({type(err).__name__}: {err}): write it with numpy.savez") from None
+
+
+def load_array(path: Path, *, what: str, limits: ArchiveLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """The array of the .npy ``path``, checked as the module says (an .npy is not compressed: only the byte cap applies)."""
+    import numpy as np
+
+    path = Path(path)
+    _check_regular(path, what, "an .npy")
+    try:
+        with open(path, "rb") as handle:
+            declared = check_npy_header(handle, path.stat().st_size, f"{what} {path}")
+            if declared > limits.max_bytes:
+                raise DataFileError(limits.too_large(what, path, declared))
+            handle.seek(0)
+            return np.load(handle, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataFileError(f"{what} {path} is not a readable .npy ({type(err).__name__}: {err}): write it with numpy.save") from None
+
+
+def check_npy_header(stream, available: int, what: str) -> int:
+    """The data size an .npy header in ``stream`` declares; refused if more than the ``available`` bytes.
+
+    numpy allocates the declared size before it reads a byte, so a forged header is refused here.
+    """
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} is for structured arrays")
+    except ValueError as err:
+        raise DataFileError(f"{what} is not a plain numeric .npy array ({err}): write it with numpy.save or numpy.savez") from None
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > available:
+        raise DataFileError(
+            f"{what} declares shape {tuple(shape)} of {dtype} ({needed} bytes) but holds only {available} bytes: "
+            "the file is truncated or forged; write it again with numpy.save"
+        )
+    return needed
+
+
+def _check_regular(path: Path, what: str, kind: str) -> None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise DataFileError(f"{what} {path} does not exist: check the path in the spec") from None
+    except OSError as err:
+        raise DataFileError(f"{what} {path} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataFileError(f"{what} {path} is not a regular file: pass the path of {kind} file")
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -37,7 +35,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.isolation import run_isolated
 from trtforge.numeric import NUMPY_DTYPES
-from trtforge.safeio import load_onnx_safely
+from trtforge.safeio import atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 
 STAGE = "convert-precision"
@@ -143,58 +141,49 @@ def convert_precision(
     if hit is not None:
         return hit
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".partial-{key[:16]}-", dir=cache_dir))
-    # mkdtemp makes the folder private; the entry it becomes is shared like the rest of the cache.
-    partial.chmod(0o755)
     try:
-        work = partial / "work"
-        work.mkdir()
-        source = _stage_input(onnx_path, model, work)
-        batch_dir = None
-        if calibration is not None:
-            batch_dir = work / "calibration"
-            limit = REFERENCE_BATCHES if not precision.needs_calibration else None
-            _write_batches(calibration, model_inputs, plan, batch_dir, limit)
-        destination = partial / MODEL_FILE
-        quantized, kept, qdq = run_isolated(
-            STAGE,
-            convert_file,
-            str(source),
-            str(destination),
-            precision.value,
-            str(batch_dir) if batch_dir else None,
-            options.model_dump(mode="json"),
-            timeout_s=timeout_s,
-        )
-        shutil.rmtree(work)
-        result = ConversionResult(
-            onnx_path=entry / MODEL_FILE,
-            precision=precision,
-            method=METHOD_AUTOCAST if precision in (Precision.FP16, Precision.BF16) else options.calibration_method,
-            qdq_node_count=qdq,
-            quantized_op_types=quantized,
-            kept_op_types=kept,
-            modelopt_version=modelopt_version(),
-            calibration_samples=_used_samples(precision, plan),
-            seconds=time.perf_counter() - started,
-            sha256=sha256_file(destination),
-            cache_key=key,
-            cached=False,
-        )
-        (partial / RESULT_FILE).write_text(result.model_dump_json(indent=2))
-        try:
-            os.rename(partial, entry)
-        except OSError:
-            # Another run finished the same conversion first; its entry is equivalent to ours.
-            shutil.rmtree(partial, ignore_errors=True)
-            concurrent = _read_entry(entry)
-            if concurrent is None:
-                raise StageError(STAGE, f"cannot write the cache entry {entry}: remove it and run again") from None
-            return concurrent
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with atomic_directory(entry) as partial:
+            work = partial / "work"
+            work.mkdir()
+            source = _stage_input(onnx_path, model, work)
+            batch_dir = None
+            if calibration is not None:
+                batch_dir = work / "calibration"
+                limit = REFERENCE_BATCHES if not precision.needs_calibration else None
+                _write_batches(calibration, model_inputs, plan, batch_dir, limit)
+            destination = partial / MODEL_FILE
+            quantized, kept, qdq = run_isolated(
+                STAGE,
+                convert_file,
+                str(source),
+                str(destination),
+                precision.value,
+                str(batch_dir) if batch_dir else None,
+                options.model_dump(mode="json"),
+                timeout_s=timeout_s,
+            )
+            shutil.rmtree(work)
+            result = ConversionResult(
+                onnx_path=entry / MODEL_FILE,
+                precision=precision,
+                method=METHOD_AUTOCAST if precision in (Precision.FP16, Precision.BF16) else options.calibration_method,
+                qdq_node_count=qdq,
+                quantized_op_types=quantized,
+                kept_op_types=kept,
+                modelopt_version=modelopt_version(),
+                calibration_samples=_used_samples(precision, plan),
+                seconds=time.perf_counter() - started,
+                sha256=sha256_file(destination),
+                cache_key=key,
+                cached=False,
+            )
+            atomic_write_text(partial / RESULT_FILE, result.model_dump_json(indent=2))
+    except FileExistsError:
+        # Another run finished the same conversion first; its entry is equivalent to ours.
+        concurrent = _read_entry(entry)
+        if concurrent is None:
+            raise StageError(STAGE, f"cannot write the cache entry {entry}: remove it and run again") from None
+        return concurrent
     return result
 
 
@@ -348,8 +337,7 @@ def _batch_reader(batch_files: list[Path]):
         def __init__(self):
             self.batches = []
             for path in batch_files:
-                with np.load(path, allow_pickle=False) as archive:
-                    self.batches.append({name: archive[name] for name in archive.files})
+                self.batches.append(load_arrays(path, what="calibration batch"))
             self.rewind()
 
         def get_next(self):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from pydantic import BaseModel
 from trtforge.evalset import eval_batch_size, load_eval_set
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.modelload import load_model
+from trtforge.safeio import atomic_writer, load_arrays
 from trtforge.spec import ModelSpec
 
 
@@ -37,13 +37,10 @@ def reference_outputs(spec: ModelSpec, checkpoint: Path, cache_dir: Path) -> Ref
             outs = out if isinstance(out, (tuple, list)) else (out,)
             for spec_out, value in zip(spec.outputs, outs):
                 collected[spec_out.name].append(value.float().numpy())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **{name: np.concatenate(parts) for name, parts in collected.items()})
-    os.replace(partial, path)
+    with atomic_writer(path) as handle:
+        np.savez(handle, **{name: np.concatenate(parts) for name, parts in collected.items()})
     return ReferenceResult(path=path, key=key, cached=False)
 
 
 def load_reference(result: ReferenceResult) -> dict[str, np.ndarray]:
-    with np.load(result.path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
+    return load_arrays(result.path, what="reference outputs")

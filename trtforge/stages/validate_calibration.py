@@ -14,12 +14,9 @@ are written there.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +28,8 @@ from pydantic import BaseModel
 
 from trtforge.calibration import CalibrationSet, calibration_spec, load_calibration
 from trtforge.errors import CalibrationError
+from trtforge.evalset import eval_limits
+from trtforge.safeio import atomic_directory, atomic_write_json, load_arrays
 from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec
 
 STAGE = "calibration"
@@ -144,8 +143,8 @@ def validate_calibration(spec: ModelSpec, data: Path | None = None, out_dir: Pat
         return report
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result_json = _write_json_atomic(out_dir / RESULT_FILE, result.to_json_dict())
-    suite_json = _write_json_atomic(out_dir / SUITE_FILE, suite.to_json_dict())
+    result_json = atomic_write_json(out_dir / RESULT_FILE, result.to_json_dict(), default=str)
+    suite_json = atomic_write_json(out_dir / SUITE_FILE, suite.to_json_dict(), default=str)
     data_docs = _build_data_docs(context, out_dir)
     return report.model_copy(update={"result_json": result_json, "suite_json": suite_json, "data_docs": data_docs})
 
@@ -267,11 +266,7 @@ def eval_references(spec: ModelSpec, cal: CalibrationSpec) -> dict[str, InputRef
             STAGE,
             f"eval data {path} does not exist: the calibration set is compared to it; fix eval.data in the spec",
         )
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            stored = {name: archive[name] for name in archive.files if name in {i.name for i in spec.inputs}}
-    except (OSError, ValueError, EOFError) as err:
-        raise CalibrationError(STAGE, f"eval data {path} is not a readable .npz ({err})") from None
+    stored = load_arrays(path, what="eval data", limits=eval_limits(spec), names={i.name for i in spec.inputs})
     missing = [i.name for i in spec.inputs if i.name not in stored]
     if missing:
         raise CalibrationError(STAGE, f"eval data {path} has no array for input(s) {missing}: save one array per input name")
@@ -567,10 +562,10 @@ def _add_label_checks(add: Callable[..., None], gxe: Any, spec: ModelSpec, cal: 
 def _eval_classes(spec: ModelSpec) -> list[int] | None:
     if spec.eval.labels is None:
         return None
-    with np.load(spec.eval.data, allow_pickle=False) as archive:
-        if spec.eval.labels not in archive.files:
-            return None
-        return sorted(int(v) for v in np.unique(archive[spec.eval.labels]))
+    stored = load_arrays(spec.eval.data, what="eval data", limits=eval_limits(spec), names={spec.eval.labels})
+    if spec.eval.labels not in stored:
+        return None
+    return sorted(int(v) for v in np.unique(stored[spec.eval.labels]))
 
 
 # ---------------------------------------------------------------- wording failures
@@ -673,17 +668,9 @@ def _evaluation_error(exception_info: dict[str, Any] | None) -> str | None:
     return "; ".join(messages) or None
 
 
-def _write_json_atomic(path: Path, payload: Any) -> Path:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(handle.name, path)
-    return path
-
-
 def _build_data_docs(context, out_dir: Path) -> Path:
     target = out_dir / DATA_DOCS_DIR
-    partial = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{DATA_DOCS_DIR}.", suffix=".partial"))
-    try:
+    with atomic_directory(target, replace=True) as partial:
         context.add_data_docs_site(
             "calibration",
             {
@@ -693,10 +680,4 @@ def _build_data_docs(context, out_dir: Path) -> Path:
             },
         )
         context.build_data_docs(site_names=["calibration"])
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
     return target / "index.html"
