@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from tests.forking import run_then_exit
 from tests.s3_server import TEST_BUCKET, running_seaweedfs
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError, TrtforgeError
-from trtforge.registry import TargetArtifacts, open_registry
+from trtforge.registry import Maintenance, Publisher, RegistryReader, TargetArtifacts, open_registry, open_registry_store
 from trtforge.registry.manifest import read_manifest
 from trtforge.registry.storage import MiB, RegistryUnreachable, TransferSettings
 
@@ -79,6 +79,43 @@ def test_publish_and_pull_round_trip(registry_uri, tmp_path):
 
     again = registry.pull(MODEL, tmp_path / "deploy", cache_dir=tmp_path / "cache")
     assert again.cached and Path(again.path).read_bytes() == engine
+
+
+class ReadOnlyStore:
+    """A store as a deployment with read-only credentials sees it: every write is refused."""
+
+    WRITES = ("put_if_absent", "put_if_match", "put", "delete", "upload_file", "abort_upload", "check_conditional_writes")
+
+    def __init__(self, store):
+        self._store = store
+        self.uri = store.uri
+
+    def __getattr__(self, name):
+        if name in self.WRITES:
+            raise AssertionError(f"{name} called on a read-only store")
+        return getattr(self._store, name)
+
+
+def test_each_role_works_alone_and_reading_never_writes(registry_uri, tmp_path):
+    store = open_registry_store(registry_uri)
+    publisher = Publisher(store)
+    manifest = publisher.publish(MODEL, [make_target(tmp_path / "build", b"engine v1")], lineage=lineage("first"), environment=ENVIRONMENT)
+    publisher.promote(MODEL, 1, "prod")
+    publisher.put_timing_cache("trt11.4-sm90", b"cache")
+
+    reader = RegistryReader(ReadOnlyStore(store))
+    assert reader.models() == [MODEL]
+    assert (reader.versions(MODEL), reader.aliases(MODEL), reader.resolve(MODEL, alias="prod")) == ([1], {"latest": 1, "prod": 1}, 1)
+    assert reader.manifest(MODEL, 1) == manifest
+    assert reader.find_by_lineage(MODEL, lineage("first")["checkpoint_sha256"], lineage()["spec_sha256"]) == 1
+    assert reader.alias_history(MODEL, "prod").version == 1
+    assert reader.describe(MODEL).versions[0].version == 1
+    assert reader.get_timing_cache("trt11.4-sm90") == b"cache"
+    pulled = reader.pull(MODEL, tmp_path / "deploy", alias="prod", cache_dir=tmp_path / "cache")
+    assert Path(pulled.path).read_bytes() == b"engine v1"
+
+    assert Maintenance(ReadOnlyStore(store)).verify(MODEL, 1).verified
+    assert open_registry(registry_uri).versions(MODEL) == [1]
 
 
 def test_versions_aliases_and_lineage(registry_uri, tmp_path):
