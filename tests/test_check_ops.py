@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from tests.conftest import REPO
 from trtforge.cli import app
 from trtforge.errors import CompatibilityError, StageError
+from trtforge.safeio import OnnxModelError
 from trtforge.stages.check_ops import (
     ParserError,
     check_ops,
@@ -408,11 +409,11 @@ def test_missing_malformed_empty_and_truncated_files_give_clear_errors(tmp_path)
         check_ops(tmp_path / "absent.onnx")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf \xff\xfe" * 10)
-    with pytest.raises(StageError, match=r"garbage.onnx is not a readable ONNX model .*truncated or not an .onnx file"):
+    with pytest.raises(OnnxModelError, match=r"^check-ops: ONNX model .*garbage.onnx cannot be parsed .*truncated or not an .onnx file"):
         check_ops(garbage)
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
-    with pytest.raises(StageError, match=r"empty.onnx holds no ONNX model"):
+    with pytest.raises(OnnxModelError, match=r"^check-ops: ONNX model .*empty.onnx holds no model"):
         check_ops(empty)
     whole = save_model(
         tmp_path / "whole.onnx",
@@ -423,7 +424,7 @@ def test_missing_malformed_empty_and_truncated_files_give_clear_errors(tmp_path)
     )
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(StageError, match=r"truncated.onnx is not a readable ONNX model"):
+    with pytest.raises(OnnxModelError, match=r"^check-ops: ONNX model .*truncated.onnx cannot be parsed"):
         check_ops(truncated)
 
 
@@ -463,7 +464,7 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     path = external_model(tmp_path / "model", zero_point=0)
     (tmp_path / "model" / "weights.bin").rename(tmp_path / "outside.bin")
     relocate_external_data(path, "../outside.bin")
-    with pytest.raises(StageError, match=r"external data refused: .*points outside the directory"):
+    with pytest.raises(OnnxModelError, match=r"external data at '../outside.bin', which leaves the model's folder"):
         check_ops(path)
 
 
@@ -471,7 +472,7 @@ def test_external_data_through_a_symbolic_link_is_refused(tmp_path):
     path = external_model(tmp_path / "model", zero_point=0)
     (tmp_path / "model" / "weights.bin").rename(tmp_path / "elsewhere.bin")
     os.symlink(tmp_path / "elsewhere.bin", tmp_path / "model" / "weights.bin")
-    with pytest.raises(StageError, match=r"external data refused: .*symbolic link"):
+    with pytest.raises(OnnxModelError, match=r"weights.bin is a symbolic link"):
         check_ops(path)
 
 
