@@ -23,6 +23,8 @@ from trtforge.evalset import load_eval_set
 from trtforge.safeio import (
     atomic_copy,
     atomic_directory,
+    atomic_link,
+    atomic_output,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -182,6 +184,39 @@ def test_atomic_copy_copies_the_content(tmp_path):
     atomic_copy(source, tmp_path / "copy")
     assert (tmp_path / "copy").read_bytes() == source.read_bytes()
     assert _leftovers(tmp_path) == []
+
+
+def test_exclusive_create_refuses_an_existing_file_and_leaves_it_whole(tmp_path):
+    path = tmp_path / "manifest.json"
+    atomic_write_bytes(path, b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(path, b"second", exclusive=True)
+    assert path.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_a_tool_writing_by_name_replaces_the_file_only_when_it_succeeds(tmp_path):
+    path = tmp_path / "model.onnx"
+    atomic_write_bytes(path, b"old model")
+    with pytest.raises(RuntimeError), atomic_output(path) as partial:
+        partial.write_bytes(b"half a mod")
+        raise RuntimeError("the exporter crashed")
+    assert path.read_bytes() == b"old model"
+    with atomic_output(path) as partial:
+        assert partial.parent == tmp_path and is_temporary(partial.name)
+        partial.write_bytes(b"new model")
+    assert path.read_bytes() == b"new model"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_atomic_link_shares_the_file_and_leaves_no_temp_even_when_already_linked(tmp_path):
+    blob = tmp_path / "cache" / "blob"
+    atomic_write_bytes(blob, b"engine")
+    dest = tmp_path / "out" / "engine.plan"
+    atomic_link(blob, dest)
+    assert os.path.samefile(blob, dest)
+    atomic_link(blob, dest)
+    assert os.listdir(dest.parent) == ["engine.plan"]
 
 
 def test_atomic_directory_appears_only_when_its_block_succeeds(tmp_path):

@@ -14,7 +14,6 @@ A run on a Prefect worker elsewhere leaves its summary in the registry, under
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 
 from trtforge.errors import RegistryError
 from trtforge.report import format_metrics, markdown_summary
+from trtforge.safeio import atomic_write_text
 from trtforge.summary import RunSummary, TargetOutcome, TargetStatus
 
 REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -129,23 +129,12 @@ def ci_markdown(summary: RunSummary) -> str:
     return "\n".join(lines) + "\n" + markdown_summary(summary)
 
 
-def _write_atomically(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
 def write_junit(summary: RunSummary, path: Path) -> Path:
-    return _write_atomically(path, junit_xml(summary))
+    return atomic_write_text(path, junit_xml(summary))
 
 
 def write_markdown(summary: RunSummary, path: Path) -> Path:
-    return _write_atomically(path, ci_markdown(summary))
+    return atomic_write_text(path, ci_markdown(summary))
 
 
 def run_report_key(model: str, report_id: str) -> str:

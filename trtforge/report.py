@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from trtforge.safeio import atomic_write_text, atomic_writer
 from trtforge.summary import RunSummary, TargetStatus
 
 SHOWN_METRICS = ("accuracy", "agreement", "cosine_mean", "recall_at_k", "max_abs_error", "latency_ms_median", "latency_ms_p99")
@@ -110,8 +110,8 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_writer(path) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     pyplot.close(figure)
     return path
 
@@ -125,7 +125,5 @@ def write_report(summary: RunSummary, run_dir: Path) -> tuple[Path, Path]:
         (data, json.dumps(summary.model_dump(mode="json"), indent=2)),
     )
     for path, text in contents:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+        atomic_write_text(path, text)
     return markdown, data

@@ -28,13 +28,13 @@ every array's header must not declare more bytes than the file holds, since nump
 the declared size before reading. Any failure is a ``DataFileError`` naming the file, the array
 and the fix.
 
-Writing. ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``, ``atomic_copy``
-and ``atomic_writer`` write to a hidden temporary file with a name unique to the call, in the
-destination's own folder (a rename is atomic only within one filesystem), fsync it, rename it
-over the destination and fsync the folder, so that after a crash the destination holds either
-its old content or the new, and concurrent writers of one path never collide. A failure
-removes the temporary file and leaves the destination as it was. ``atomic_directory`` does the
-same for a whole folder. Temporary names are ``.NAME.tmp-RANDOM``: ``is_temporary`` recognises
+Writing. ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``, ``atomic_copy``,
+``atomic_writer`` and ``atomic_output`` (for tools that write a file by name) write to a hidden
+temporary file with a name unique to the call, in the destination's own folder (a rename is
+atomic only within one filesystem), fsync it, rename it over the destination and fsync the
+folder, so that after a crash the destination holds either its old content or the new, and
+concurrent writers of one path never collide. A failure removes the temporary file and leaves
+the destination as it was. ``atomic_directory`` does the same for a whole folder. Temporary names are ``.NAME.tmp-RANDOM``: ``is_temporary`` recognises
 them, so a cleaner can tell a crashed write's leftovers from real files.
 """
 
@@ -478,6 +478,7 @@ def _check_regular(path: Path, what: str, kind: str) -> None:
 
 TEMP_MARK = ".tmp-"
 _COPY_BLOCK = 8 * 1024 * 1024
+_CREATE_ATTEMPTS = 5
 
 
 def is_temporary(name: str) -> bool:
@@ -507,19 +508,29 @@ def _create_temp_file(final: Path) -> tuple[Path, BinaryIO]:
     # O_EXCL with a random name rather than tempfile.mkstemp: mkstemp makes the file private
     # (0600), and the rename would then change who may read the destination; created here, the
     # file gets the same permissions (the umask's) that a plain open() would give it.
-    final.parent.mkdir(parents=True, exist_ok=True)
+    pruned = 0
     while True:
+        final.parent.mkdir(parents=True, exist_ok=True)
         temp = _temp_path(final)
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            return temp, os.fdopen(fd, "wb")
         except FileExistsError:
             continue
-        return temp, os.fdopen(fd, "wb")
+        except FileNotFoundError:
+            # A cleaner (the registry's gc) removed the emptied folder between the mkdir and the open.
+            pruned += 1
+            if pruned == _CREATE_ATTEMPTS:
+                raise
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary file to write ``path``'s new content into; it replaces ``path`` only if the block succeeds."""
+def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content into; it replaces ``path`` only if the block succeeds.
+
+    ``exclusive=True`` creates ``path`` instead, with a hard link that fails with
+    ``FileExistsError`` if the name exists (O_EXCL semantics for a whole, synced file).
+    """
     path = Path(path)
     temp, handle = _create_temp_file(path)
     try:
@@ -527,16 +538,46 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
+        if exclusive:
+            os.link(temp, path)
+        else:
+            os.replace(temp, path)
+    finally:
+        # After a replace the name is gone already; after a link it is the second name of the new file.
         temp.unlink(missing_ok=True)
-        raise
     fsync_directory(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically and durably; returns ``path``."""
-    with atomic_writer(path) as handle:
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A fresh temporary path beside ``path``, for a tool that writes its output by name (onnx.save,
+    torch.onnx.export); what the tool wrote replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    temp, handle = _create_temp_file(path)
+    # Created (empty) rather than only named, so that no other call can be handed the same name.
+    handle.close()
+    try:
+        yield temp
+        durable_replace(temp, path)
+    finally:
+        # rename() of a hard link onto another link of the same file leaves the source in place.
+        temp.unlink(missing_ok=True)
+
+
+def durable_replace(written: Path, path: Path) -> None:
+    """Rename the finished file ``written`` over ``path`` (same folder), its data and the rename both on disk."""
+    fd = os.open(written, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(written, path)
+    fsync_directory(Path(path).parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> Path:
+    """Replace ``path`` with ``data`` atomically and durably (create it, with ``exclusive``); returns ``path``."""
+    with atomic_writer(path, exclusive=exclusive) as handle:
         handle.write(data)
     return Path(path)
 
@@ -556,6 +597,23 @@ def atomic_copy(src: Path, dst: Path) -> Path:
     with open(src, "rb") as source, atomic_writer(dst) as handle:
         shutil.copyfileobj(source, handle, _COPY_BLOCK)
     return Path(dst)
+
+
+def atomic_link(src: Path, dst: Path) -> Path:
+    """Replace ``dst`` with a hard link to ``src`` atomically (a copy, where the filesystem has no hard links)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_path(dst)
+    try:
+        try:
+            os.link(src, temp)
+        except OSError:
+            return atomic_copy(src, dst)
+        durable_replace(temp, dst)
+    finally:
+        # rename() of a hard link onto another link of the same file leaves the source in place.
+        temp.unlink(missing_ok=True)
+    return dst
 
 
 def _fsync_tree(folder: Path) -> None:

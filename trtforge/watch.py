@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from trtforge.errors import CheckpointError, SpecError, TrtforgeError
 from trtforge.modelload import import_callable
+from trtforge.safeio import atomic_output, durable_replace
 from trtforge.spec import ModelSpec, WatchSpec
 
 S3_SCHEME = "s3://"
@@ -134,15 +135,10 @@ def local_checkpoint(uri: str, cache_dir: Path) -> Path:
     dest = cache_dir / identity / PurePosixPath(name).name
     if dest.is_file() and dest.stat().st_size == info.size:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(dest) as partial:
         store.download_file(name, partial)
         if partial.stat().st_size != info.size:
             raise CheckpointError(f"checkpoint {uri}: downloaded {partial.stat().st_size} bytes, the store lists {info.size}; run again")
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
     return dest
 
 
@@ -185,7 +181,7 @@ def retrain_into(spec: ModelSpec, work_dir: Path) -> RetrainResult:
         found = FoundCheckpoint(uri=f"{store.uri}/{name}", name=name, size=stored.size, modified=info.last_modified)
     else:
         final = Path(watch.location) / name
-        os.replace(written, final)
+        durable_replace(written, final)
         stat = final.stat()
         found = FoundCheckpoint(uri=str(final), name=name, size=stat.st_size, modified=datetime.fromtimestamp(stat.st_mtime, UTC))
     return RetrainResult(

@@ -6,7 +6,6 @@ the building machine's CPU, which would make the saved engine non-portable acros
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from trtforge.backends.base import Availability, BuiltEngine, register_backend, 
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.numeric import onnxruntime_session
+from trtforge.safeio import atomic_output, atomic_write_json
 from trtforge.spec import ModelSpec, Precision, Target
 
 SUPPORTED_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -52,15 +52,13 @@ class OnnxRuntimeBackend:
         tag = target_tag(target, spec, self.runtime_version())
         out_dir.mkdir(parents=True, exist_ok=True)
         engine = out_dir / "engine"
-        partial = out_dir / "engine.partial.onnx"
         started = time.perf_counter()
-        try:
-            onnxruntime_session(onnx_path, optimized_path=partial)
-        except Exception as err:
-            partial.unlink(missing_ok=True)
-            raise StageError("build", f"onnxruntime could not load {onnx_path}: {err}") from None
+        with atomic_output(engine) as partial:
+            try:
+                onnxruntime_session(onnx_path, optimized_path=partial)
+            except Exception as err:
+                raise StageError("build", f"onnxruntime could not load {onnx_path}: {err}") from None
         seconds = time.perf_counter() - started
-        partial.replace(engine)
         record = {
             "tag": tag,
             "backend": self.name,
@@ -75,7 +73,7 @@ class OnnxRuntimeBackend:
             "machine": platform.machine(),
         }
         build_json = out_dir / "build.json"
-        build_json.write_text(json.dumps(record, indent=2))
+        atomic_write_json(build_json, record)
         return BuiltEngine(tag=tag, engine_path=engine, record=record, extra_files={"build.json": build_json})
 
     def load_runner(self, engine_path: Path) -> OnnxRuntimeRunner:

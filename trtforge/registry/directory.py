@@ -1,11 +1,11 @@
 """The directory store: the registry layout as plain files, safe for several processes at once.
 
-Every write goes to a hidden temporary file in the destination folder first. A conditional
-create then hard-links it into place, which fails if the name exists (the same O_EXCL
-guarantee S3's ``If-None-Match: *`` gives); a compare-and-swap takes an exclusive ``flock``
-on a hidden lock file beside the object, compares the SHA-256 of the current content with
-the ETag the caller read, and renames over it. ETags are that SHA-256, so they depend only
-on the content.
+Every write goes through ``trtforge.safeio``'s atomic writer: a hidden, synced temporary file
+in the destination folder first. A conditional create then hard-links it into place, which
+fails if the name exists (the same O_EXCL guarantee S3's ``If-None-Match: *`` gives); a
+compare-and-swap takes an exclusive ``flock`` on a hidden lock file beside the object,
+compares the SHA-256 of the current content with the ETag the caller read, and renames over
+it. ETags are that SHA-256, so they depend only on the content.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import hashlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import BinaryIO
 
 from trtforge.errors import NotFoundError, RegistryError
 from trtforge.registry import crashpoints
@@ -34,8 +32,8 @@ from trtforge.registry.storage import (
     UploadedFile,
     check_key,
 )
+from trtforge.safeio import atomic_write_bytes, atomic_writer, is_temporary, temporary_target
 
-_TEMP_MARK = ".tmp-"
 _COPY_BLOCK = 8 * 1024 * 1024
 
 
@@ -45,14 +43,6 @@ def _etag(data: bytes) -> str:
 
 def _mtime(stat: os.stat_result) -> datetime:
     return datetime.fromtimestamp(stat.st_mtime, tz=UTC)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryStore:
@@ -69,34 +59,17 @@ class DirectoryStore:
         return path.relative_to(self.root).as_posix()
 
     @contextlib.contextmanager
-    def _temp_beside(self, path: Path) -> Iterator[tuple[Path, BinaryIO]]:
-        """An open hidden temp file in ``path``'s folder; removed unless the caller moved it into place."""
-        temp = path.parent / f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex}"
-        # gc may prune an emptied folder between our mkdir and open: recreate it and try again.
-        for attempt in range(5):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(temp, "xb")
-                break
-            except FileNotFoundError:
-                if attempt == 4:
-                    raise
-            except OSError as err:
-                raise RegistryError(f"cannot write to registry folder {path.parent}: {err.strerror}; check its permissions") from None
+    def _writing(self, key: str, failure: str) -> Iterator[None]:
+        """Registry errors for one write of ``key``: a conditional create that lost, or a folder that refuses it."""
         try:
-            with handle:
-                yield temp, handle
-        finally:
-            temp.unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def _staged(self, path: Path, data: bytes) -> Iterator[Path]:
-        """A synced hidden temp file holding ``data`` beside ``path``, for the caller to link or rename into place."""
-        with self._temp_beside(path) as (temp, handle):
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-            yield temp
+            yield
+        except FileExistsError:
+            raise PreconditionFailed(key) from None
+        except OSError as err:
+            raise RegistryError(
+                f"{failure}: {err.strerror}; check the registry folder's permissions: the directory registry needs "
+                "a local filesystem with hard links (use an s3:// registry on other storage)"
+            ) from None
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
@@ -108,22 +81,9 @@ class DirectoryStore:
         finally:
             os.close(fd)
 
-    def _link_new(self, temp: Path, path: Path, key: str) -> None:
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            raise PreconditionFailed(key) from None
-        except OSError as err:
-            raise RegistryError(
-                f"cannot create {self.uri}/{key}: {err.strerror}; the directory registry needs a local "
-                "filesystem with hard links (use an s3:// registry on other storage)"
-            ) from None
-
     def put_if_absent(self, key: str, data: bytes) -> str:
-        path = self._path(key)
-        with self._staged(path, data) as temp:
-            self._link_new(temp, path, key)
-        _fsync_dir(path.parent)
+        with self._writing(key, f"cannot create {self.uri}/{key}"):
+            atomic_write_bytes(self._path(key), data, exclusive=True)
         return _etag(data)
 
     def put_if_match(self, key: str, data: bytes, etag: str) -> str:
@@ -132,19 +92,18 @@ class DirectoryStore:
             current = self._read(path)
             if current is None or _etag(current) != etag:
                 raise PreconditionFailed(key)
-            self._replace(path, data)
+            self._replace(path, key, data)
         return _etag(data)
 
     def put(self, key: str, data: bytes) -> str:
         path = self._path(key)
         with self._locked(path):
-            self._replace(path, data)
+            self._replace(path, key, data)
         return _etag(data)
 
-    def _replace(self, path: Path, data: bytes) -> None:
-        with self._staged(path, data) as temp:
-            os.replace(temp, path)
-        _fsync_dir(path.parent)
+    def _replace(self, path: Path, key: str, data: bytes) -> None:
+        with self._writing(key, f"cannot write {self.uri}/{key}"):
+            atomic_write_bytes(path, data)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
@@ -214,8 +173,8 @@ class DirectoryStore:
         size = 0
         block_size = min(_COPY_BLOCK, max(self._max_bandwidth // 4, 64 * 1024)) if self._max_bandwidth else _COPY_BLOCK
         started = time.monotonic()
-        try:
-            with self._temp_beside(target) as (temp, handle), open(path, "rb") as source:
+        with self._writing(key, f"cannot copy {path} to {self.uri}/{key}"):
+            with open(path, "rb") as source, atomic_writer(target, exclusive=True) as handle:
                 # Hash the bytes as they are written, so what is stored is exactly what is reported.
                 while block := source.read(block_size):
                     handle.write(block)
@@ -224,14 +183,8 @@ class DirectoryStore:
                     crashpoints.reached("mid-upload")
                     if self._max_bandwidth:
                         time.sleep(max(0.0, size / self._max_bandwidth - (time.monotonic() - started)))
-                handle.flush()
-                os.fsync(handle.fileno())
                 # Published files are immutable: read-only guards them against an accidental edit in place.
                 os.fchmod(handle.fileno(), 0o444)
-                self._link_new(temp, target, key)
-            _fsync_dir(target.parent)
-        except OSError as err:
-            raise RegistryError(f"cannot copy {path} to {self.uri}/{key}: {err.strerror}") from None
         return UploadedFile(digest.hexdigest(), size)
 
     def download_file(self, key: str, dest: Path) -> None:
@@ -244,10 +197,9 @@ class DirectoryStore:
         pending = []
         for folder, names in self._walk(prefix):
             for name in names:
-                if not name.startswith(".") or _TEMP_MARK not in name:
+                if not is_temporary(name):
                     continue
-                final, _, _ = name[1:].rpartition(_TEMP_MARK)
-                key = self._key(folder / final)
+                key = self._key(folder / temporary_target(name))
                 if not key.startswith(prefix):
                     continue
                 with contextlib.suppress(FileNotFoundError):

@@ -8,7 +8,7 @@ not version-compatible) are refused by name.
 
 Fetching: every file is downloaded into a local cache keyed by SHA-256, checked against the
 manifest there, and only then linked (or copied) into the destination through a temp file
-and a rename, so a corrupted object never reaches the destination and a repeated pull
+and a rename (``trtforge.safeio``), so a corrupted object never reaches the destination and a repeated pull
 downloads nothing.
 """
 
@@ -18,8 +18,6 @@ import importlib
 import importlib.util
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
 from trtforge.registry.storage import ObjectStore
+from trtforge.safeio import atomic_link, atomic_output
 
 CACHE_ENV = "TRTFORGE_CACHE_DIR"
 _ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
@@ -242,15 +241,13 @@ class BlobCache:
 
     def fetch(self, store: ObjectStore, key: str, entry: FileEntry) -> Path:
         blob = self.path(entry.sha256)
-        incoming = self.root / ".incoming" / uuid.uuid4().hex
         try:
-            incoming.parent.mkdir(parents=True, exist_ok=True)
             blob.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RegistryError(
                 f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}"
             ) from None
-        try:
+        with atomic_output(blob) as incoming:
             store.download_file(key, incoming)
             size = incoming.stat().st_size
             digest = sha256_file(incoming)
@@ -261,24 +258,12 @@ class BlobCache:
                     "another version"
                 )
             incoming.chmod(0o444)
-            os.replace(incoming, blob)
-        finally:
-            incoming.unlink(missing_ok=True)
         return blob
 
 
 def place(blob: Path, dest: Path) -> None:
     """Put a cached file at ``dest`` atomically: a hard link where the filesystem allows, else a copy."""
-    temp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex}"
-    try:
-        try:
-            os.link(blob, temp)
-        except OSError:
-            shutil.copyfile(blob, temp)
-        os.replace(temp, dest)
-    finally:
-        # rename() of a hard link onto another link of the same file leaves the source in place.
-        temp.unlink(missing_ok=True)
+    atomic_link(blob, dest)
 
 
 class PulledFile(BaseModel):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trtforge.backends.base import BuiltEngine, get_backend
 from trtforge.evalset import load_eval_set
 from trtforge.isolation import run_isolated
+from trtforge.safeio import atomic_write_bytes, atomic_write_json
 from trtforge.spec import BackendName, ModelSpec, Target
 from trtforge.stages.gate import PreviousRelease, gate_target
 from trtforge.stages.reference import ReferenceResult, load_reference
@@ -48,7 +48,7 @@ def build_and_gate(
     runner = backend.load_runner(built.engine_path)
     result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous)
     gate_json = work_dir / "gate.json"
-    gate_json.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    atomic_write_json(gate_json, result.model_dump(mode="json"))
     return TargetOutcome(
         tag=built.tag,
         backend=target.backend.value,
@@ -89,7 +89,7 @@ def build_with_shared_timing_cache(
     work_dir.mkdir(parents=True, exist_ok=True)
     stored = registry.get_timing_cache(key)
     if stored is not None:
-        cache.write_bytes(stored)
+        atomic_write_bytes(cache, stored)
     outcome = build_and_gate(spec, target, onnx_path, reference, work_dir, previous, timing_cache=cache)
     if cache.is_file():
         registry.put_timing_cache(key, cache.read_bytes())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.modelload import load_model
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner, random_inputs
-from trtforge.safeio import OnnxModelError, load_onnx_safely
+from trtforge.safeio import OnnxModelError, atomic_output, load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "export"
@@ -85,57 +84,51 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
     model = load_model(spec, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.onnx"
-    partial = out_dir / "model.onnx.partial"
     example = random_inputs(spec.inputs, "opt", spec.export.seed)
     args = tuple(torch.from_numpy(example[i.name]) for i in spec.inputs)
-    try:
-        # The exporter prints its progress to stdout; keep the CLI's output (and --json) clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(
-                model,
-                args,
-                str(partial),
-                input_names=[i.name for i in spec.inputs],
-                output_names=[o.name for o in spec.outputs],
-                opset_version=spec.export.opset,
-                dynamic_shapes=_dynamic_shapes(spec),
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        onnx.checker.check_model(str(partial), full_check=True)
-    except Exception as err:
-        partial.unlink(missing_ok=True)
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(STAGE, f"torch.onnx.export of {spec.model!r} failed: {type(err).__name__}: {message}") from None
+    with atomic_output(target) as partial:
+        try:
+            # The exporter prints its progress to stdout; keep the CLI's output (and --json) clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(partial),
+                    input_names=[i.name for i in spec.inputs],
+                    output_names=[o.name for o in spec.outputs],
+                    opset_version=spec.export.opset,
+                    dynamic_shapes=_dynamic_shapes(spec),
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            onnx.checker.check_model(str(partial), full_check=True)
+        except Exception as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StageError(STAGE, f"torch.onnx.export of {spec.model!r} failed: {type(err).__name__}: {message}") from None
 
-    try:
-        graph = load_onnx_safely(partial, plugins=spec.plugins, load_external_data=False)
-    except OnnxModelError as err:
-        partial.unlink(missing_ok=True)
-        raise StageError(STAGE, str(err)) from None
-    declared = [i.name for i in graph.graph.input]
-    expected = [i.name for i in spec.inputs]
-    if declared != expected:
-        partial.unlink(missing_ok=True)
-        raise StageError(
-            STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order"
-        )
-    try:
-        diffs = max_abs_diff_by_level(spec, onnx_runner(partial, [o.name for o in spec.outputs]), _torch_reference(model))
-    except Exception as err:
-        partial.unlink(missing_ok=True)
-        raise StageError(STAGE, f"running the exported model failed: {type(err).__name__}: {err}") from None
-    worst = max(diffs.values())
-    if worst > spec.export.tolerance:
-        partial.unlink(missing_ok=True)
-        level = max(diffs, key=diffs.get)
-        raise StageError(
-            STAGE,
-            f"ONNX output differs from PyTorch by {worst:.3g} at the {level} shape, over export.tolerance "
-            f"{spec.export.tolerance:g}; check for non-deterministic or data-dependent ops, or raise the tolerance",
-        )
-    os.replace(partial, target)
+        try:
+            graph = load_onnx_safely(partial, plugins=spec.plugins, load_external_data=False)
+        except OnnxModelError as err:
+            raise StageError(STAGE, str(err)) from None
+        declared = [i.name for i in graph.graph.input]
+        expected = [i.name for i in spec.inputs]
+        if declared != expected:
+            raise StageError(
+                STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order"
+            )
+        try:
+            diffs = max_abs_diff_by_level(spec, onnx_runner(partial, [o.name for o in spec.outputs]), _torch_reference(model))
+        except Exception as err:
+            raise StageError(STAGE, f"running the exported model failed: {type(err).__name__}: {err}") from None
+        worst = max(diffs.values())
+        if worst > spec.export.tolerance:
+            level = max(diffs, key=diffs.get)
+            raise StageError(
+                STAGE,
+                f"ONNX output differs from PyTorch by {worst:.3g} at the {level} shape, over export.tolerance "
+                f"{spec.export.tolerance:g}; check for non-deterministic or data-dependent ops, or raise the tolerance",
+            )
     return ExportResult(
         onnx_path=target,
         sha256=sha256_file(target),

@@ -7,7 +7,6 @@ unsimplified model, because a user who asked for a simplified engine must know.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.numeric import max_abs_diff_by_level, onnx_runner
-from trtforge.safeio import load_onnx_safely
+from trtforge.safeio import atomic_output, load_onnx_safely
 from trtforge.spec import ModelSpec
 
 STAGE = "simplify"
@@ -54,8 +53,7 @@ def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path) -> SimplifyRe
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.sim.onnx"
-    partial = out_dir / "model.sim.onnx.partial"
-    try:
+    with atomic_output(target) as partial:
         before, after = run_isolated(
             STAGE,
             _simplify_file,
@@ -71,16 +69,11 @@ def simplify_onnx(spec: ModelSpec, onnx_path: Path, out_dir: Path) -> SimplifyRe
             onnx_runner(partial, outputs),
             onnx_runner(onnx_path, outputs, disable_optimizations=True),
         )
-    except StageError:
-        partial.unlink(missing_ok=True)
-        raise
-    worst = max(diffs.values())
-    if worst > spec.export.tolerance:
-        partial.unlink(missing_ok=True)
-        raise StageError(
-            STAGE, f"simplified model differs from the exported one by {worst:.3g}, over export.tolerance {spec.export.tolerance:g}"
-        )
-    os.replace(partial, target)
+        worst = max(diffs.values())
+        if worst > spec.export.tolerance:
+            raise StageError(
+                STAGE, f"simplified model differs from the exported one by {worst:.3g}, over export.tolerance {spec.export.tolerance:g}"
+            )
     return SimplifyResult(
         onnx_path=target,
         sha256=sha256_file(target),
