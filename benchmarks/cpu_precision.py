@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from trtforge.backends.base import get_backend
-from trtforge.spec import ModelSpec, Precision, Target, load_spec, parse_spec
+from trtforge.backends.onnxruntime import OnnxRuntimeTarget
+from trtforge.spec import ModelSpec, Precision, load_spec, parse_spec
 from trtforge.stages.checkpoint import ensure_checkpoint
 from trtforge.stages.convert_precision import convert_precision
 from trtforge.stages.export import export_onnx
@@ -145,7 +146,7 @@ def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
             spec=workload.spec,
             cache_dir=work / "precision-cache",
         )
-        target = Target(precision=precision)
+        target = OnnxRuntimeTarget(precision=precision)
         built = backend.build(converted.onnx_path, target, workload.spec, work / workload.name / f"engine-{precision.value}")
         runners[precision] = backend.load_runner(built.engine_path)
         outputs[precision] = run_all(runners[precision], workload.probe, max(BATCHES))

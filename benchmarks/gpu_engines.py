@@ -124,7 +124,7 @@ def time_torch(module, batch: int, runs: int, warmup: int) -> dict[str, float]:
 def bench_model(name: str, factory: str, arch: str, args) -> list[dict]:
     import torch
 
-    from trtforge.backends.base import get_backend
+    from trtforge.backends.base import BuildOptions, get_backend
     from trtforge.modelload import load_model
     from trtforge.stages.export import export_onnx
 
@@ -139,7 +139,7 @@ def bench_model(name: str, factory: str, arch: str, args) -> list[dict]:
         precision = target.precision.value
         print(f"[{name}] {precision}: converting and building", flush=True)
         converted = convert(spec, onnx_path, target.precision, work)
-        built = backend.build(converted, target, spec, work / precision, timing_cache=cache)
+        built = backend.build(converted, target, spec, work / precision, BuildOptions(timing_cache=cache))
         with backend.load_runner(built.engine_path) as runner:
             (latency,) = runner.measure_latency(runs=args.runs, warmup=args.warmup)
         rows.append(

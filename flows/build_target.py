@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from trtforge.tasks.build import build_and_gate_task
 
-from tasks.build import build_and_gate_task
 from trtforge.registry import open_registry
 from trtforge.spec import load_spec
 from trtforge.stages.gate import PreviousRelease

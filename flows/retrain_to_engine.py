@@ -14,29 +14,38 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from trtforge.tasks.build import build_and_gate_task
+from trtforge.tasks.check_ops import check_ops_task
+from trtforge.tasks.checkpoint import ensure_checkpoint_task
+from trtforge.tasks.convert_precision import convert_precision_task
+from trtforge.tasks.export import export_task
+from trtforge.tasks.publish import publish_task
+from trtforge.tasks.reference import reference_task
+from trtforge.tasks.remote_build import build_on_worker_task, deployment_problem
+from trtforge.tasks.simplify import simplify_task
+from trtforge.tasks.stage import run_step
+from trtforge.tasks.validate_calibration import validate_calibration_task
 
-from tasks.build import build_and_gate_task
-from tasks.caching import run_cached
-from tasks.check_ops import check_ops_task
-from tasks.checkpoint import ensure_checkpoint_task
-from tasks.convert_precision import convert_precision_task
-from tasks.export import export_task
-from tasks.publish import publish_task
-from tasks.reference import reference_task
-from tasks.remote_build import build_on_worker_task, deployment_problem
-from tasks.simplify import simplify_task
-from tasks.validate_calibration import validate_calibration_task
 from trtforge.backends.base import get_backend, target_tag
-from trtforge.errors import CalibrationError, RunFailed
+from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.hashing import code_version
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import RouteKind, route_target
-from trtforge.spec import BackendName, ModelSpec, Precision, Target, load_spec
+from trtforge.spec import ModelSpec, Precision, Target, load_spec
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.publish import registry_uri
+from trtforge.stages.runner import Stage, failed_stage
 from trtforge.staging import Staging
-from trtforge.summary import RunSummary, StageTiming, TargetOutcome, TargetStatus
+from trtforge.summary import (
+    CalibrationSummary,
+    CompatibilitySummary,
+    ConversionSummary,
+    RunSummary,
+    StageTiming,
+    TargetOutcome,
+    TargetStatus,
+)
 
 
 def previous_release(registry, model: str, tag: str, alias: str | None = None) -> PreviousRelease | None:
@@ -54,34 +63,41 @@ def previous_release(registry, model: str, tag: str, alias: str | None = None) -
     return None
 
 
-def _unavailable(target: Target, tag: str, reason: str, details: tuple[str, ...]) -> TargetOutcome:
+def _outcome(target: Target, tag: str, status: TargetStatus, reason: str, details: tuple[str, ...] = ()) -> TargetOutcome:
     return TargetOutcome(
         tag=tag,
-        backend=target.backend.value,
+        backend=target.backend,
         precision=target.precision.value,
         required=target.required,
-        status=TargetStatus.UNAVAILABLE,
+        status=status,
         reason=reason,
         notes=list(details),
     )
 
 
+def _stage_failure(err: TrtforgeError, default: Stage) -> str:
+    """The reason a target failed, naming the stage (a StageError's message already starts with it)."""
+    stage = (failed_stage(err) or default).value
+    message = str(err)
+    return message if message.startswith(f"{stage}: ") else f"{stage}: {message}"
+
+
 def _check_compatibility(spec: ModelSpec, onnx_path: Path, summary: RunSummary) -> None:
     """Once per distinct TensorRT version among the targets; unsupported nodes stop the run here."""
-    if not any(t.backend is BackendName.TENSORRT for t in spec.targets):
+    if not any(t.backend == "tensorrt" for t in spec.targets):
         return
-    trt_version = get_backend(BackendName.TENSORRT.value).runtime_version()
-    report = check_ops_task(onnx_path, list(spec.plugins), trt_version)
+    trt_version = get_backend("tensorrt").runtime_version()
+    report = run_step(summary, check_ops_task, onnx_path, list(spec.plugins), trt_version, spec.isolation)
     summary.compatibility.append(
-        {
-            "source": report.source,
-            "tensorrt_version": report.tensorrt_version,
-            "nodes": report.summary.nodes,
-            "supported": report.summary.supported,
-            "conditional": report.summary.conditional,
-            "unsupported": report.summary.unsupported,
-            "flagged_op_types": report.summary_rows(),
-        }
+        CompatibilitySummary(
+            source=report.source,
+            tensorrt_version=report.tensorrt_version,
+            nodes=report.summary.nodes,
+            supported=report.summary.supported,
+            conditional=report.summary.conditional,
+            unsupported=report.summary.unsupported,
+            flagged_op_types=report.summary_rows(),
+        )
     )
     summary.warnings += [f"check-ops: {n.name} ({n.op_type}) conditional: {n.reason}" for n in report.conditional]
     report.raise_if_unsupported()
@@ -93,13 +109,19 @@ def _validate_calibration(spec: ModelSpec, run_dir: Path, summary: RunSummary) -
         return None
     if spec.calibration is None:
         raise CalibrationError(
-            "validate-calibration", "int8/fp8 targets need a 'calibration' section in the spec naming the calibration data"
+            Stage.VALIDATE_CALIBRATION.value, "int8/fp8 targets need a 'calibration' section in the spec naming the calibration data"
         )
-    report = validate_calibration_task(spec, run_dir / "calibration")
-    summary.calibration = {**report.summary(), "sha256": report.sha256, "data_docs": str(report.data_docs) if report.data_docs else None}
+    report = run_step(summary, validate_calibration_task, spec, run_dir / "calibration")
+    summary.calibration = CalibrationSummary(
+        passed=report.passed,
+        samples=report.samples,
+        sha256=report.sha256,
+        failed=[f.model_dump() for f in report.failed],
+        data_docs=str(report.data_docs) if report.data_docs else None,
+    )
     if not report.passed:
         failed = "; ".join(f"{f.expectation} on {f.column}: {f.details}" for f in report.failed)
-        raise CalibrationError("validate-calibration", f"calibration set {report.source} failed: {failed}")
+        raise CalibrationError(Stage.VALIDATE_CALIBRATION.value, f"calibration set {report.source} failed: {failed}")
     return report.sha256
 
 
@@ -120,13 +142,7 @@ def retrain_to_engine(
     run_dir = artifacts / "runs" / spec.name / run_id
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
 
-    def timed(stage: str, started: float, detail: str = "") -> None:
-        summary.stages.append(StageTiming(stage=stage, seconds=time.perf_counter() - started, detail=detail))
-
-    started = time.perf_counter()
-    ckpt = ensure_checkpoint_task(spec, Path(checkpoint) if checkpoint else None)
-    timed("retrain", started, "trained" if ckpt.trained else f"checkpoint {ckpt.path.name}")
-
+    ckpt = run_step(summary, ensure_checkpoint_task, spec, Path(checkpoint) if checkpoint else None)
     existing = store.find_by_lineage(spec.name, ckpt.sha256, spec.sha256())
     if existing is not None:
         logger.info("up to date: version %d", existing)
@@ -134,85 +150,84 @@ def retrain_to_engine(
             update={"version": existing, "up_to_date": True, "passed": True, "message": f"up to date: version {existing}", "run_dir": None}
         )
 
-    work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{spec.sha256()[:16]}"
-    started = time.perf_counter()
-    exported = run_cached(export_task, spec, ckpt, work_dir)
-    timed("export", started, f"opset {exported.opset}, {exported.node_count} nodes, max abs diff {max(exported.max_abs_diff.values()):.2g}")
-    started = time.perf_counter()
-    simplified = run_cached(simplify_task, spec, exported, work_dir)
-    timed("simplify", started, f"{simplified.nodes_before} -> {simplified.nodes_after} nodes")
-
+    staging = Staging(store, spec.name, run_id)
     try:
-        started = time.perf_counter()
-        _check_compatibility(spec, simplified.onnx_path, summary)
-        if summary.compatibility:
-            c = summary.compatibility[-1]
-            timed("check-ops", started, f"{c['source']}: {c['unsupported']} unsupported, {c['conditional']} conditional")
-        started = time.perf_counter()
-        calibration_sha256 = _validate_calibration(spec, run_dir, summary)
-        if summary.calibration:
-            timed("validate-calibration", started, f"{summary.calibration['samples']} samples passed")
-    except Exception as err:
-        summary.message = str(err)
-        _finish(summary)
+        _build_and_publish(spec, spec_path, ckpt, store, uri, artifacts, run_id, summary)
+    except TrtforgeError as err:
+        summary.message = summary.message or str(err)
         raise
+    finally:
+        staging.clear()
+        _finish(summary)
+    return summary
 
-    started = time.perf_counter()
-    reference = reference_task(spec, ckpt, artifacts / "cache" / spec.name)
-    timed("reference", started, "cached" if reference.cached else "computed")
+
+def _build_and_publish(spec, spec_path, ckpt, store, uri, artifacts, run_id, summary: RunSummary) -> None:
+    logger = get_run_logger()
+    work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{spec.sha256()[:16]}"
+    exported = run_step(summary, export_task, spec, ckpt, work_dir)
+    simplified = run_step(summary, simplify_task, spec, exported, work_dir)
+    _check_compatibility(spec, simplified.onnx_path, summary)
+    calibration_sha256 = _validate_calibration(spec, summary.run_dir, summary)
+    reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started = time.perf_counter()
     converted: dict[Precision, Path] = {}
+    conversion_failures: dict[Precision, str] = {}
     pending, outcomes = [], []
     for index, target in enumerate(spec.targets):
-        backend = get_backend(target.backend.value)
+        backend = get_backend(target.backend)
         tag = target_tag(target, spec, backend.runtime_version())
         route = route_target(target, backend.availability(target), deployment_problem)
         if route.kind is RouteKind.UNAVAILABLE:
             logger.warning("target %s: unavailable: %s (%s)", tag, route.reason, "; ".join(route.details))
-            outcomes.append(_unavailable(target, tag, route.reason, route.details))
+            outcomes.append(_outcome(target, tag, TargetStatus.UNAVAILABLE, route.reason, route.details))
             continue
-        if target.precision not in converted:
-            result = convert_precision_task(spec, simplified.onnx_path, target.precision, artifacts / "cache" / spec.name / "precision")
-            converted[target.precision] = result.onnx_path
-            summary.conversions.append(
-                result.model_dump(
-                    mode="json",
-                    include={"precision", "method", "qdq_node_count", "quantized_op_types", "seconds", "cached", "modelopt_version"},
-                )
-            )
+        if target.precision not in converted and target.precision not in conversion_failures:
+            try:
+                converted[target.precision] = _convert(spec, simplified.onnx_path, target.precision, artifacts, summary)
+            except TrtforgeError as err:
+                logger.warning("convert-precision %s: failed: %s", target.precision.value, err)
+                conversion_failures[target.precision] = _stage_failure(err, Stage.CONVERT_PRECISION)
+        if target.precision in conversion_failures:
+            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[target.precision]))
+            continue
+        onnx_path = converted[target.precision]
         previous = previous_release(store, spec.name, tag, spec.compare_alias)
         if route.kind is RouteKind.LOCAL:
-            pending.append(build_and_gate_task.submit(spec, target, converted[target.precision], reference, work_dir / tag, previous, uri))
+            future = build_and_gate_task.submit(spec, target, onnx_path, reference, work_dir / tag, previous, uri)
         else:
-            pending.append(
-                build_on_worker_task.submit(
-                    route.deployment,
-                    spec_path,
-                    spec.name,
-                    index,
-                    uri,
-                    run_id,
-                    converted[target.precision],
-                    reference,
-                    work_dir / f"remote-{index}",
-                    previous,
-                )
+            future = build_on_worker_task.submit(
+                route.deployment,
+                spec_path,
+                spec.name,
+                index,
+                uri,
+                run_id,
+                onnx_path,
+                reference,
+                work_dir / f"remote-{index}",
+                previous,
             )
-    outcomes += [future.result() for future in pending]
-    Staging(store, spec.name, run_id).clear()
+        pending.append((target, tag, future))
+    for target, tag, future in pending:
+        try:
+            outcomes.append(future.result())
+        except TrtforgeError as err:
+            logger.warning("target %s: failed: %s", tag, err)
+            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.BUILD)))
     summary.targets = outcomes
-    timed("convert+build+gate", started, f"{len(pending)} target(s) built")
+    summary.stages.append(
+        StageTiming(stage=Stage.BUILD, seconds=time.perf_counter() - started, detail=f"{len(pending)} target(s) converted, built and gated")
+    )
 
     required_failures = summary.required_failures()
     passed = [o for o in outcomes if o.status is TargetStatus.PASSED]
     if required_failures or not passed:
         reasons = [f"{o.tag} {o.status.value}: {o.reason}" for o in required_failures] or ["no target passed"]
         summary.message = "not published: " + "; ".join(reasons)
-        _finish(summary)
         raise RunFailed(summary.message, summary)
 
-    started = time.perf_counter()
     lineage = {
         "checkpoint_sha256": ckpt.sha256,
         "onnx_sha256": simplified.sha256,
@@ -223,27 +238,41 @@ def retrain_to_engine(
     }
     extra = {
         "run_id": run_id,
-        "stages": [s.model_dump() for s in summary.stages],
-        "compatibility": summary.compatibility,
-        "calibration": summary.calibration,
-        "conversions": summary.conversions,
+        "stages": [s.model_dump(mode="json") for s in summary.stages],
+        "compatibility": [c.model_dump(mode="json") for c in summary.compatibility],
+        "calibration": summary.calibration.model_dump(mode="json") if summary.calibration else None,
+        "conversions": [c.model_dump(mode="json") for c in summary.conversions],
         "left_out": [
             o.model_dump(mode="json", include={"tag", "status", "reason", "required"})
             for o in outcomes
             if o.status is not TargetStatus.PASSED
         ],
     }
-    version = publish_task(spec, uri, outcomes, lineage, extra)
-    timed("publish", started, f"version {version}")
+    version = run_step(summary, publish_task, spec, uri, outcomes, lineage, extra)
     for outcome in passed:
         outcome.location = f"{uri.rstrip('/')}/{spec.name}/versions/{version}/{outcome.tag}/engine"
     summary.version, summary.published, summary.passed = version, True, True
     summary.message = f"published version {version}"
-    _finish(summary)
-    return summary
+
+
+def _convert(spec: ModelSpec, onnx_path: Path, precision: Precision, artifacts: Path, summary: RunSummary) -> Path:
+    result = convert_precision_task(spec, onnx_path, precision, artifacts / "cache" / spec.name / "precision")
+    summary.conversions.append(
+        ConversionSummary(
+            precision=result.precision.value,
+            method=result.method,
+            qdq_node_count=result.qdq_node_count,
+            quantized_op_types=result.quantized_op_types,
+            seconds=result.seconds,
+            cached=result.cached,
+            modelopt_version=result.modelopt_version,
+        )
+    )
+    return result.onnx_path
 
 
 def _finish(summary: RunSummary) -> None:
+    """The report and the Prefect artifacts, on every exit of a run that got past the up-to-date check."""
     write_report(summary, summary.run_dir)
     key = "trtforge-" + re.sub(r"[^a-z0-9-]", "-", summary.model)
     create_markdown_artifact(markdown=markdown_summary(summary), key=key, description="trtforge run summary")

@@ -27,10 +27,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
+from trtforge.flows.retrain_to_engine import retrain_to_engine
+from trtforge.tasks.remote_build import deployment_problem
+from trtforge.tasks.watch import local_checkpoint_task, newest_checkpoint_task, retrain_into_task
 
-from flows.retrain_to_engine import retrain_to_engine
-from tasks.remote_build import deployment_problem
-from tasks.watch import local_checkpoint_task, newest_checkpoint_task, retrain_into_task
 from trtforge.ci import read_run_report, write_run_report
 from trtforge.errors import RunFailed, SpecError, TrtforgeError
 from trtforge.hashing import sha256_file

@@ -2,18 +2,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from trtforge.tasks.stage import stage_task
 
 from trtforge.spec import ModelSpec
 from trtforge.stages.checkpoint import CheckpointResult, ensure_checkpoint
+from trtforge.stages.runner import Stage
 
 
-@task(name="retrain")
-def ensure_checkpoint_task(spec: ModelSpec, checkpoint: Path | None = None) -> CheckpointResult:
-    result = ensure_checkpoint(spec, checkpoint)
-    logger = get_run_logger()
+def _describe(result: CheckpointResult) -> str:
     if result.trained:
-        logger.info("retrain: trained %s in %.1f s %s", result.path, result.seconds, result.train_metrics)
-    else:
-        logger.info("retrain: using checkpoint %s (sha256 %s)", result.path, result.sha256[:12])
-    return result
+        return f"trained {result.path.name} {result.train_metrics}"
+    return f"checkpoint {result.path.name} (sha256 {result.sha256[:12]})"
+
+
+@stage_task(Stage.RETRAIN, describe=_describe)
+def ensure_checkpoint_task(spec: ModelSpec, checkpoint: Path | None = None) -> CheckpointResult:
+    return ensure_checkpoint(spec, checkpoint)

@@ -2,18 +2,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from trtforge.tasks.stage import stage_task
 
 from trtforge.calibration import load_calibration
 from trtforge.spec import ModelSpec, Precision
 from trtforge.stages.convert_precision import ConversionResult, convert_precision
+from trtforge.stages.runner import Stage
 
 
-@task(name="convert-precision", task_run_name="convert-precision-{precision.value}")
+def _describe(result: ConversionResult) -> str:
+    return f"{result.precision.value}: {result.method}, {result.qdq_node_count} Q/DQ nodes" + (" (cached)" if result.cached else "")
+
+
+@stage_task(Stage.CONVERT_PRECISION, describe=_describe, task_run_name="convert-precision-{precision.value}")
 def convert_precision_task(spec: ModelSpec, onnx_path: Path, precision: Precision, cache_dir: Path) -> ConversionResult:
     """ModelOpt conversion; the stage caches by content itself, so a re-run does not recalibrate."""
     calibration = load_calibration(spec) if spec.calibration is not None and precision is not Precision.FP32 else None
-    result = convert_precision(
+    return convert_precision(
         onnx_path,
         precision,
         calibration.arrays if calibration else None,
@@ -21,13 +26,5 @@ def convert_precision_task(spec: ModelSpec, onnx_path: Path, precision: Precisio
         spec=spec,
         cache_dir=cache_dir,
         calibration_sha256=calibration.sha256 if calibration else None,
+        timeout_s=spec.isolation.timeout_s,
     )
-    get_run_logger().info(
-        "convert-precision %s: %s, %d Q/DQ nodes, %.1f s%s",
-        precision.value,
-        result.method,
-        result.qdq_node_count,
-        result.seconds,
-        " (cached)" if result.cached else "",
-    )
-    return result

@@ -2,22 +2,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from trtforge.tasks.stage import stage_task
 
-from tasks.caching import TASK_OPTIONS
 from trtforge.spec import ModelSpec
 from trtforge.stages.checkpoint import CheckpointResult
 from trtforge.stages.export import ExportResult, export_onnx
+from trtforge.stages.runner import Stage
 
 
-@task(name="export", **TASK_OPTIONS)
+def _describe(result: ExportResult) -> str:
+    return f"opset {result.opset}, {result.node_count} nodes, max |onnx - torch| {max(result.max_abs_diff.values()):.2g}"
+
+
+@stage_task(Stage.EXPORT, describe=_describe, cached=True)
 def export_task(spec: ModelSpec, checkpoint: CheckpointResult, work_dir: Path) -> ExportResult:
-    result = export_onnx(spec, checkpoint.path, work_dir)
-    get_run_logger().info(
-        "export: opset %d, %d nodes, max |onnx - torch| %.2g, %.1f s",
-        result.opset,
-        result.node_count,
-        max(result.max_abs_diff.values()),
-        result.seconds,
-    )
-    return result
+    return export_onnx(spec, checkpoint.path, work_dir)

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from trtforge.tasks.stage import stage_task
 
 from trtforge.spec import ModelSpec
 from trtforge.stages.publish import publish_release
+from trtforge.stages.runner import Stage
 from trtforge.summary import TargetOutcome
 
 
-@task(name="publish")
+@stage_task(Stage.PUBLISH, describe=lambda version: f"version {version}")
 def publish_task(spec: ModelSpec, uri: str, outcomes: list[TargetOutcome], lineage: dict[str, Any], extra: dict[str, Any]) -> int:
-    version = publish_release(spec, uri, outcomes, lineage, extra)
-    get_run_logger().info("publish: %s version %d", spec.name, version)
-    return version
+    return publish_release(spec, uri, outcomes, lineage, extra)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from trtforge.tasks.build import describe_outcome
+from trtforge.tasks.stage import stage_task
 
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.reference import ReferenceResult
+from trtforge.stages.runner import Stage
 from trtforge.staging import Staging, target_slot
 from trtforge.summary import TargetOutcome
 
@@ -32,7 +35,7 @@ def deployment_problem(name: str) -> str | None:
     return None
 
 
-@task(name="build-on-worker", task_run_name="build-on-worker-{deployment}")
+@stage_task(Stage.BUILD, describe=describe_outcome, task_run_name="build-on-worker-{deployment}")
 def build_on_worker_task(
     deployment: str,
     spec_path: str,

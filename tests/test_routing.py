@@ -1,10 +1,11 @@
 """Where each target is built: here, on its pool's build-target deployment, or nowhere, with the reason."""
 
 from trtforge.backends.base import Availability
+from trtforge.backends.onnxruntime import OnnxRuntimeTarget
+from trtforge.backends.tensorrt import TensorRTTarget, timing_cache_key
 from trtforge.routing import RouteKind, route_target
-from trtforge.spec import Target
 
-TRT_SM90 = Target(backend="tensorrt", device="gpu", arch="sm_90", precision="fp16", required=False)
+TRT_SM90 = TensorRTTarget(arch="sm_90", precision="fp16", required=False)
 
 
 def no_deployment(name: str) -> str:
@@ -13,7 +14,7 @@ def no_deployment(name: str) -> str:
 
 def test_buildable_here_is_built_here_without_asking_prefect():
     asked = []
-    route = route_target(Target(), Availability(True), lambda name: asked.append(name))
+    route = route_target(OnnxRuntimeTarget(), Availability(True), lambda name: asked.append(name))
     assert route.kind is RouteKind.LOCAL and asked == []
 
 
@@ -32,7 +33,7 @@ def test_gpu_target_with_no_worker_is_unavailable_with_the_fix():
 
 
 def test_explicit_work_pool_wins_over_local_build():
-    target = Target(work_pool="cpu-big")
+    target = OnnxRuntimeTarget(work_pool="cpu-big")
     assert route_target(target, Availability(True), lambda name: None).deployment == "build-target/cpu-big"
     assert route_target(target, Availability(True), no_deployment).kind is RouteKind.LOCAL
 
@@ -44,16 +45,15 @@ def test_custom_pool_name_for_gpu_target():
 
 
 def test_cpu_backend_without_pool_that_cannot_run_says_why():
-    target = Target(precision="bf16")
+    target = OnnxRuntimeTarget(precision="bf16")
     route = route_target(target, Availability(False, "onnxruntime CPU has no bf16 kernels"), no_deployment)
     assert route.kind is RouteKind.UNAVAILABLE and route.reason == "onnxruntime CPU has no bf16 kernels"
 
 
 def test_timing_cache_is_shared_per_tensorrt_minor_version_and_arch(tmp_path):
     from trtforge.registry import open_registry
-    from trtforge.stages.build import timing_cache_key
 
-    key = timing_cache_key("11.4.0.12", "sm_90")
+    key = timing_cache_key("11.4.0.12", TensorRTTarget(arch="sm_90"))
     assert key == "trt11.4-sm90"
     registry = open_registry(f"file://{tmp_path}")
     assert registry.get_timing_cache(key) is None

@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from trtforge.backends.base import get_backend, target_tag
+from trtforge.backends.base import BuildOptions, get_backend, target_tag
+from trtforge.backends.onnxruntime import OnnxRuntimeTarget
 from trtforge.backends.tensorrt import (
     ENGINE_FILE,
     LAYERS_FILE,
@@ -31,6 +32,7 @@ from trtforge.backends.tensorrt import (
     TensorRTBuildRecord,
     TensorRTBuildSettings,
     TensorRTProbe,
+    TensorRTTarget,
     availability_for,
     build_settings,
     check_onnx_precision,
@@ -41,7 +43,7 @@ from trtforge.backends.tensorrt import (
 from trtforge.errors import SpecError, StageError, TrtforgeError
 from trtforge.gpu import GpuInfo, LocalGpus, detect_gpus
 from trtforge.profiles import ShapeProfile, derive_profiles
-from trtforge.spec import GPU_ARCHS, Precision, Target, parse_spec
+from trtforge.spec import GPU_ARCHS, Precision, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
@@ -58,11 +60,11 @@ def gpus(*devices: GpuInfo) -> LocalGpus:
     return LocalGpus(devices, driver_version="580.159.04", cuda_driver_version="13.0")
 
 
-def trt_target(**fields) -> Target:
-    return Target(**{"backend": "tensorrt", "device": "gpu", "arch": "sm_90", **fields})
+def trt_target(**fields) -> TensorRTTarget:
+    return TensorRTTarget(**{"arch": "sm_90", **fields})
 
 
-def with_targets(spec, *targets: Target):
+def with_targets(spec, *targets):
     return spec.model_copy(update={"targets": list(targets)})
 
 
@@ -302,10 +304,10 @@ def test_import_and_availability_without_tensorrt():
     script = (
         "import sys; sys.modules['tensorrt'] = None\n"
         "from trtforge.backends.base import get_backend\n"
-        "from trtforge.spec import Target\n"
+        "from trtforge.backends.tensorrt import TensorRTTarget\n"
         "backend = get_backend('tensorrt')\n"
         "print(backend.runtime_version())\n"
-        "print(backend.availability(Target(backend='tensorrt', device='gpu', arch='sm_90')).reason)\n"
+        "print(backend.availability(TensorRTTarget(arch='sm_90')).reason)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -361,7 +363,7 @@ def test_availability_answers_for_each_worker():
     assert not availability_for(portable, TENSORRT_11, turing).available
     assert "ampere_plus" not in availability_for(target, TENSORRT_11, turing).reason
 
-    cpu = availability_for(Target(), TENSORRT_11, mixed)
+    cpu = availability_for(OnnxRuntimeTarget(), TENSORRT_11, mixed)
     assert not cpu.available and "not 'tensorrt'" in cpu.reason
 
 
@@ -386,7 +388,7 @@ def test_build_without_tensorrt_fails_with_the_reason_and_writes_nothing(digits_
     cache = tmp_path / "caches" / "trt-sm90.cache"
     with pytest.raises(StageError, match=r"^build: cannot build the sm_90 target on this worker: TensorRT is not installed"):
         get_backend("tensorrt").build(
-            _tiny_onnx(tmp_path / "tiny.onnx"), target, with_targets(digits_spec, target), out_dir, timing_cache=cache
+            _tiny_onnx(tmp_path / "tiny.onnx"), target, with_targets(digits_spec, target), out_dir, BuildOptions(timing_cache=cache)
         )
     assert not out_dir.exists() and not cache.parent.exists()
 
@@ -447,17 +449,19 @@ def test_onnx_must_carry_the_target_precision(digits_spec, tmp_path):
     # The build refuses an unconverted model before anything else, on any machine.
     target = trt_target(precision="int8")
     with pytest.raises(StageError, match=r"has no int8 Q/DQ nodes"):
-        get_backend("tensorrt").build(fp32, target, with_targets(digits_spec, target), tmp_path / "out")
+        get_backend("tensorrt").build(fp32, target, with_targets(digits_spec, target), tmp_path / "out", BuildOptions())
     assert not (tmp_path / "out").exists()
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07 not protobuf")
-    with pytest.raises(StageError, match=r"broken\.onnx is not a readable ONNX model"):
+    with pytest.raises(StageError, match=r"^build: ONNX model .*broken\.onnx cannot be parsed"):
         check_onnx_precision(tmp_path / "broken.onnx", Precision.FP16)
 
 
 def test_build_of_a_missing_onnx_names_the_file(digits_spec, tmp_path):
     target = trt_target()
     with pytest.raises(StageError, match=r"ONNX model .*missing\.onnx does not exist"):
-        get_backend("tensorrt").build(tmp_path / "missing.onnx", target, with_targets(digits_spec, target), tmp_path / "out")
+        get_backend("tensorrt").build(
+            tmp_path / "missing.onnx", target, with_targets(digits_spec, target), tmp_path / "out", BuildOptions()
+        )
 
 
 def test_runner_refuses_a_missing_engine_and_a_missing_lean_runtime(tmp_path, monkeypatch):
@@ -491,7 +495,7 @@ def test_prefect_yaml_has_one_build_target_deployment_per_gpu_pool():
     assert retrain.entrypoint == "flows/retrain_to_engine.py:retrain_to_engine"
     assert retrain.schedules and retrain.concurrency_limit == 1
 
-    expected_pools = {Target(backend="tensorrt", arch=a).pool for a in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")}
+    expected_pools = {TensorRTTarget(arch=a).pool for a in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")}
     builds = [d for d in config.deployments if d.entrypoint == "flows/build_target.py:build_target"]
     assert {d.work_pool.name for d in builds} == expected_pools
     assert {d.name for d in builds} == expected_pools
@@ -501,7 +505,7 @@ def test_prefect_yaml_has_one_build_target_deployment_per_gpu_pool():
     defined = list(raw["definitions"]["work_pools"].values())
     for deployment in raw["deployments"]:
         assert any(deployment["work_pool"] is pool for pool in defined), deployment["name"]
-    assert {a for a in GPU_ARCHS if Target(backend="tensorrt", arch=a).pool in expected_pools} == {
+    assert {a for a in GPU_ARCHS if TensorRTTarget(arch=a).pool in expected_pools} == {
         "sm_80",
         "sm_86",
         "sm_89",
@@ -583,7 +587,7 @@ def digits_precisions(digits_spec, digits_onnx, tmp_path_factory) -> dict[str, P
 def _build(spec, onnx_path: Path, out_dir: Path, cache: Path | None = None, **target_fields):
     target = trt_target(**target_fields)
     spec = with_targets(spec, target)
-    return spec, target, get_backend("tensorrt").build(onnx_path, target, spec, out_dir, timing_cache=cache)
+    return spec, target, get_backend("tensorrt").build(onnx_path, target, spec, out_dir, BuildOptions(timing_cache=cache))
 
 
 @pytest.mark.tensorrt

@@ -38,6 +38,21 @@ def main() -> None:
         sys.exit(1)
 
 
+def _pipeline_flow(module: str, name: str, command: str):
+    """A flow of the pipeline extra; with the core install, one line saying what to install."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing.startswith("trtforge"):
+            raise
+        raise TrtforgeError(
+            f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
+        ) from None
+
+
 def _print_run_table(summary) -> None:
     from trtforge.report import format_metrics
 
@@ -70,8 +85,7 @@ def run(
     # 20 s default is not always enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.retrain_to_engine import retrain_to_engine
-
+    retrain_to_engine = _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run")
     try:
         summary = retrain_to_engine(
             spec_path=str(spec), checkpoint=str(checkpoint) if checkpoint else None, registry=registry, artifacts_dir=str(artifacts)
@@ -137,8 +151,7 @@ def ci_command(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if deployment is not None:
-        from flows.watch import run_on_deployment
-
+        run_on_deployment = _pipeline_flow("watch", "run_on_deployment", "ci")
         summary = run_on_deployment(
             deployment,
             str(spec),
@@ -148,8 +161,7 @@ def ci_command(
             on_started=lambda line: typer.echo(line, err=True),
         )
     else:
-        from flows.watch import watch
-
+        watch = _pipeline_flow("watch", "watch", "ci")
         try:
             summary = watch(spec_path=str(spec), checkpoint=checkpoint, registry=uri, artifacts_dir=str(artifacts))
         except RunFailed as err:
@@ -242,10 +254,22 @@ TrustedKeyOption = Annotated[
 ]
 
 
-def _registry(uri: str | None):
-    from trtforge.registry import open_registry
+def _reader(uri: str | None):
+    from trtforge.registry import RegistryReader, open_registry_store
 
-    return open_registry(uri)
+    return RegistryReader(open_registry_store(uri))
+
+
+def _publisher(uri: str | None):
+    from trtforge.registry import Publisher, open_registry_store
+
+    return Publisher(open_registry_store(uri))
+
+
+def _maintenance(uri: str | None):
+    from trtforge.registry import Maintenance, open_registry_store
+
+    return Maintenance(open_registry_store(uri))
 
 
 def _trusted_key(path: Path | None):
@@ -266,7 +290,7 @@ def ls_command(
     as_json: JsonFlag = False,
 ) -> None:
     """List a model's versions with their targets and gate results, and its aliases."""
-    listing = _registry(registry).describe(model)
+    listing = _reader(registry).describe(model)
     if as_json:
         print_json(listing.model_dump(mode="json"))
         return
@@ -289,7 +313,7 @@ def show_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Show the manifest of one version: targets, files with SHA-256, lineage, environment."""
-    manifest = _registry(registry).manifest(model, version)
+    manifest = _reader(registry).manifest(model, version)
     if as_json:
         print_json(manifest.model_dump(mode="json"))
         return
@@ -323,7 +347,7 @@ def pull_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Download the engine that fits this host, verify its SHA-256 (and signature), and write it atomically."""
-    result = _registry(registry).pull(
+    result = _reader(registry).pull(
         model,
         output,
         version=version,
@@ -359,7 +383,7 @@ def verify_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Check a published version in place: every file's SHA-256, no added files, and its signature; exit 1 on any problem."""
-    report = _registry(registry).verify(model, version, trust=_trusted_key(trusted_key), require_signature=require_signature)
+    report = _maintenance(registry).verify(model, version, trust=_trusted_key(trusted_key), require_signature=require_signature)
     if as_json:
         print_json(report.model_dump(mode="json"))
     else:
@@ -384,8 +408,7 @@ def promote_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Point an alias at a published version (compare-and-swap: concurrent moves never overwrite blindly)."""
-    store = _registry(registry)
-    store.promote(model, version, alias)
+    _publisher(registry).promote(model, version, alias)
     if as_json:
         print_json({"model": model, "alias": alias, "version": version})
     else:
@@ -405,7 +428,7 @@ def gc_command(
     """
     from datetime import timedelta
 
-    report = _registry(registry).gc(older_than=timedelta(hours=older_than), dry_run=dry_run)
+    report = _maintenance(registry).gc(older_than=timedelta(hours=older_than), dry_run=dry_run)
     if as_json:
         print_json(report.model_dump(mode="json"))
         return

@@ -11,6 +11,9 @@ from __future__ import annotations
 class TrtforgeError(Exception):
     """A problem the user can act on; ``str(err)`` says what and how to fix it."""
 
+    # The pipeline stage it was raised in, where known (set by trtforge.stages.runner.run_stage).
+    stage: str | None = None
+
 
 class SpecError(TrtforgeError):
     """The model spec is missing, unreadable or invalid."""

@@ -41,23 +41,21 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
         lines.append(f"**not published**: {summary.message}")
     if summary.stages:
         lines += ["", "### Stages", ""]
-        lines += _table(["stage", "seconds", "detail"], [[s.stage, f"{s.seconds:.1f}", s.detail] for s in summary.stages])
+        lines += _table(["stage", "seconds", "detail"], [[s.stage.value, f"{s.seconds:.1f}", s.detail] for s in summary.stages])
     for check in summary.compatibility:
-        lines += ["", f"### Operator compatibility (TensorRT {check['tensorrt_version']}, {check['source']})", ""]
-        lines.append(
-            f"{check['nodes']} nodes: {check['supported']} supported, {check['conditional']} conditional, {check['unsupported']} unsupported."
-        )
-        if check["flagged_op_types"]:
+        lines += ["", f"### Operator compatibility (TensorRT {check.tensorrt_version}, {check.source})", ""]
+        lines.append(f"{check.nodes} nodes: {check.supported} supported, {check.conditional} conditional, {check.unsupported} unsupported.")
+        if check.flagged_op_types:
             lines += [""] + _table(
                 ["op type", "conditional", "unsupported"],
-                [[r["op_type"], str(r["conditional"]), str(r["unsupported"])] for r in check["flagged_op_types"]],
+                [[r.op_type, str(r.conditional), str(r.unsupported)] for r in check.flagged_op_types],
             )
     if summary.calibration:
         cal = summary.calibration
         lines += ["", "### Calibration set", ""]
-        lines.append(f"{cal['samples']} samples, {'passed' if cal['passed'] else 'FAILED'} (sha256 `{cal['sha256'][:16]}`).")
-        for failure in cal.get("failed", []):
-            lines.append(f"- {failure['expectation']} on {failure['column']}: {failure['details']}")
+        lines.append(f"{cal.samples} samples, {'passed' if cal.passed else 'FAILED'} (sha256 `{cal.sha256[:16]}`).")
+        for failure in cal.failed:
+            lines.append(f"- {failure.expectation} on {failure.column}: {failure.details}")
     if summary.targets:
         lines += ["", "### Targets", ""]
         lines += _table(["target", "status", "metrics", "reason / notes", "location"], target_rows(summary))

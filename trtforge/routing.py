@@ -49,7 +49,8 @@ def route_target(target: Target, local: Availability, deployment_problem: Callab
         return Route(RouteKind.DEPLOYMENT, deployment=name)
     if local.available:
         return Route(RouteKind.LOCAL)
-    what = f"no GPU worker for {target.arch}" if target.arch else f"no worker for pool {pool}"
+    arch = getattr(target, "arch", None)
+    what = f"no GPU worker for {arch}" if arch else f"no worker for pool {pool}"
     return Route(
         RouteKind.UNAVAILABLE,
         f"{what}: start a worker on pool {pool}, or remove the target",

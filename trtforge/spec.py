@@ -12,10 +12,10 @@ import hashlib
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticSerializationError
 
 from trtforge.errors import SpecError
@@ -46,15 +46,12 @@ class Precision(str, Enum):
         return self in (Precision.INT8, Precision.FP8)
 
 
-class BackendName(str, Enum):
-    ONNXRUNTIME = "onnxruntime"
-    TENSORRT = "tensorrt"
-
-
 class Task(str, Enum):
     CLASSIFICATION = "classification"
     EMBEDDING = "embedding"
     RAW = "raw"
+    DETECTION = "detection"
+    SEGMENTATION = "segmentation"
 
 
 ShapeLevel = Literal["min", "opt", "max"]
@@ -116,12 +113,105 @@ class ExportOptions(Strict):
     seed: int = 0
 
 
+class YoloDecoder(Strict):
+    """The anchor-free head Ultralytics exports: one output [B, 4 + classes, anchors] of (cx, cy, w, h, class scores)."""
+
+    kind: Literal["yolo"]
+    output: str | None = Field(default=None, description="the head's output name; default the spec's first output")
+    conf: Annotated[float, Field(ge=0, le=1)] = 0.001
+    iou: Annotated[float, Field(gt=0, le=1)] = 0.7
+    max_det: Annotated[int, Field(ge=1)] = 300
+
+
+class BoxesScoresClasses(Strict):
+    """Detections with NMS inside the model: boxes (xyxy pixels), scores and class indices.
+
+    With ``num_dets`` the outputs are padded to a fixed size per image (EfficientNMS: the first
+    ``num_dets`` rows are real); without it they are ragged (as many rows as detections), which
+    only a batch of one image can give unambiguously, so the model is run one image at a time.
+    """
+
+    kind: Literal["boxes_scores_classes"]
+    boxes: str = "boxes"
+    scores: str = "scores"
+    classes: str = "classes"
+    num_dets: str | None = None
+
+
+Decoder = Annotated[YoloDecoder | BoxesScoresClasses, Field(discriminator="kind")]
+
+
 class EvalSpec(Strict):
     data: Path = Field(description=".npz with one array per input name, plus the labels array")
     task: Task = Task.CLASSIFICATION
     labels: str | None = "labels"
     batch_size: Annotated[int, Field(ge=1)] = 64
     recall_k: Annotated[int, Field(ge=1)] = 5
+    annotations: Path | None = Field(
+        default=None,
+        description="ground truth: detection a COCO .json, a folder of YOLO .txt labels or an .npz (boxes_<i>, labels_<i>); "
+        "segmentation a folder of PNG label masks or an .npz with array 'masks'",
+    )
+    sample_ids: str = Field(
+        default="image_ids",
+        description="array in eval.data naming each sample's image in the annotations: a COCO image id or file_name, "
+        "a YOLO label or PNG mask file stem",
+    )
+    classes: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="class names in the model's class-index order; for COCO, default its categories by id"
+    )
+    postprocess: Decoder | str | None = Field(
+        default=None, description="detection decoder: {kind: yolo, ...}, {kind: boxes_scores_classes, ...} or 'file.py:function'"
+    )
+    ignore_index: int | None = Field(default=255, description="segmentation: mask value that no metric counts")
+    agreement_score: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.25, description="detection: reference detections at or above this score are the ground truth of the agreement metrics"
+    )
+
+    @property
+    def annotation_format(self) -> Literal["coco", "npz", "yolo", "png"] | None:
+        if self.annotations is None:
+            return None
+        if self.annotations.suffix == ".json":
+            return "coco"
+        if self.annotations.suffix == ".npz":
+            return "npz"
+        return "yolo" if self.task is Task.DETECTION else "png"
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> EvalSpec:
+        if self.task is Task.DETECTION:
+            if self.annotations is None:
+                raise ValueError("task 'detection' needs 'annotations': a COCO .json, a folder of YOLO .txt labels or an .npz")
+            if self.postprocess is None:
+                raise ValueError("task 'detection' needs 'postprocess': {kind: yolo}, {kind: boxes_scores_classes} or 'file.py:function'")
+            if self.annotation_format in ("yolo", "npz") and not self.classes:
+                raise ValueError("YOLO and .npz annotations carry class indices only: list the class names under 'classes'")
+        elif self.task is Task.SEGMENTATION:
+            if self.annotations is None:
+                raise ValueError("task 'segmentation' needs 'annotations': a folder of PNG label masks or an .npz with array 'masks'")
+            if self.annotation_format == "coco":
+                raise ValueError("segmentation annotations are PNG label masks or an .npz, not COCO .json")
+            if not self.classes:
+                raise ValueError("task 'segmentation' needs 'classes': the class names in the model's channel order")
+            if self.ignore_index is not None and 0 <= self.ignore_index < len(self.classes):
+                raise ValueError(
+                    f"ignore_index {self.ignore_index} is one of the {len(self.classes)} classes: pick a value outside 0..{len(self.classes) - 1}"
+                )
+        elif self.annotations is not None or self.postprocess is not None:
+            raise ValueError(f"'annotations' and 'postprocess' are for tasks 'detection' and 'segmentation', not {self.task.value!r}")
+        if isinstance(self.postprocess, str) and (":" not in self.postprocess or self.postprocess.startswith(":")):
+            raise ValueError(f"postprocess {self.postprocess!r} must look like 'file.py:function' or 'module:function'")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names must be unique: {self.classes}")
+        return self
+
+    def under(self, base: Path) -> EvalSpec:
+        """This section with its relative paths resolved against ``base`` (the spec's folder)."""
+        updates: dict[str, Any] = {"data": self.data if self.data.is_absolute() else base / self.data}
+        if self.annotations is not None and not self.annotations.is_absolute():
+            updates["annotations"] = base / self.annotations
+        return self.model_copy(update=updates)
 
 
 class Preprocessing(Strict):
@@ -198,6 +288,28 @@ class GateThresholds(Strict):
     regression_tolerance: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="allowed drop of the task metric versus the last published version"
     )
+    min_map: Annotated[float, Field(ge=0, le=1)] | None = Field(default=None, description="floor of COCO mAP@[.5:.95]")
+    max_map_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed mAP@[.5:.95] drop versus the PyTorch FP32 reference"
+    )
+    min_class_ap: Annotated[float, Field(ge=0, le=1)] | None = Field(default=None, description="floor of every class's AP")
+    max_class_ap_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed drop of any one class's AP versus the PyTorch FP32 reference"
+    )
+    min_agreement_map: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="floor of the mAP of the engine's detections against the reference's as ground truth"
+    )
+    min_miou: Annotated[float, Field(ge=0, le=1)] | None = Field(default=None, description="floor of the mean IoU")
+    max_miou_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed mIoU drop versus the PyTorch FP32 reference"
+    )
+    min_class_iou: Annotated[float, Field(ge=0, le=1)] | None = Field(default=None, description="floor of every class's IoU")
+    max_class_iou_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="allowed drop of any one class's IoU versus the PyTorch FP32 reference"
+    )
+    min_pixel_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="floor of the share of pixels whose class matches the reference's"
+    )
 
 
 class Profile(Strict):
@@ -207,40 +319,79 @@ class Profile(Strict):
 
 
 class Target(Strict):
-    backend: BackendName = BackendName.ONNXRUNTIME
+    """What every target has. Each backend module subclasses it with its own options and a
+    ``backend: Literal[...]`` tag, and registers the subclass with ``register_target_model``:
+    a spec's target then accepts exactly that backend's options, and names any other as not
+    applying to it."""
+
+    backend: str
     precision: Precision = Precision.FP32
-    device: Literal["cpu", "gpu"] = "cpu"
-    arch: str | None = Field(default=None, description="GPU architecture for TensorRT targets, e.g. sm_90")
     required: bool = True
     work_pool: str | None = None
     profiles: list[Profile] = Field(default_factory=list)
-    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
-    version_compatible: bool = False
-    exclude_lean_runtime: bool = False
-    optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
-    workspace_mb: Annotated[int, Field(ge=1)] | None = None
-    tiling_optimization_level: Literal["none", "fast", "moderate", "full"] | None = None
     gate: GateThresholds = GateThresholds()
 
     @model_validator(mode="after")
-    def _consistent(self) -> Target:
-        if self.backend is BackendName.TENSORRT:
-            if self.arch is None:
-                raise ValueError("tensorrt targets need 'arch', one of " + ", ".join(GPU_ARCHS))
-            if self.arch not in GPU_ARCHS:
-                raise ValueError(f"arch {self.arch!r} is not one of " + ", ".join(GPU_ARCHS))
-        elif self.arch is not None or self.device != "cpu":
-            raise ValueError("onnxruntime targets run on device 'cpu' and take no 'arch'")
+    def _registered(self) -> Target:
+        if type(self) is Target:
+            raise ValueError(f"backend {self.backend!r} is not registered: import the module that defines it first")
         return self
+
+    @property
+    def place(self) -> str:
+        """Where the engine runs, as the target tag names it: ``cpu``, ``sm90``."""
+        return "cpu"
 
     @property
     def pool(self) -> str | None:
         """The Prefect work pool whose build-target deployment builds this target off this machine."""
-        if self.work_pool is not None:
-            return self.work_pool
-        if self.backend is BackendName.TENSORRT:
-            return f"gpu-{self.arch.replace('_', '')}"
-        return None
+        return self.work_pool
+
+
+DEFAULT_BACKEND = "onnxruntime"
+_TARGET_MODELS: dict[str, type[Target]] = {}
+# ModelSpec.targets is validated against the union of the registered target models; it starts
+# as the base model and is rebuilt each time a backend registers its own.
+AnyTarget: Any = Target
+
+
+def _backend_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("backend", DEFAULT_BACKEND)
+    return getattr(value, "backend", None)
+
+
+def register_target_model(model: type[Target]) -> type[Target]:
+    """Called by a backend module for its target model; the model's ``backend`` default is its name."""
+    global AnyTarget
+    name = model.model_fields["backend"].default
+    _TARGET_MODELS[name] = model
+    known = ", ".join(repr(n) for n in sorted(_TARGET_MODELS))
+    members = tuple(Annotated[m, Tag(n)] for n, m in _TARGET_MODELS.items())
+    AnyTarget = Annotated[
+        Union[members] if len(members) > 1 else members[0],  # noqa: UP007 - a Union built from a tuple at run time
+        Discriminator(_backend_of, custom_error_type="unknown_backend", custom_error_message=f"backend must be one of {known}"),
+    ]
+    # The field's annotation was resolved when ModelSpec was created: set it anew, then rebuild.
+    ModelSpec.model_fields["targets"].annotation = list[AnyTarget]
+    ModelSpec.model_rebuild(force=True)
+    return model
+
+
+def parse_target(data: dict[str, Any]) -> Target:
+    """One target as a spec's ``targets`` entry would give it, validated by its backend's model."""
+    from pydantic import TypeAdapter
+
+    target_models()
+    return TypeAdapter(AnyTarget).validate_python(data)
+
+
+def target_models() -> dict[str, type[Target]]:
+    """The registered target models by backend name, the built-in backends' among them."""
+    # Imported here, not at the top: the backend modules import this one.
+    import trtforge.backends  # noqa: F401
+
+    return dict(_TARGET_MODELS)
 
 
 class WatchSpec(Strict):
@@ -285,7 +436,7 @@ class ModelSpec(Strict):
     eval: EvalSpec
     calibration: CalibrationSpec | None = None
     precision: PrecisionOptions = PrecisionOptions()
-    targets: list[Target] = Field(min_length=1)
+    targets: list[AnyTarget] = Field(min_length=1)
     gate: GateThresholds = GateThresholds()
     registry: str | None = None
     aliases: list[str] = Field(default_factory=list)
@@ -360,6 +511,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for problem in err.errors():
         loc = [p for p in problem["loc"] if p not in ("function-after", "function-before")]
         message = problem["msg"].removeprefix("Value error, ")
+        if len(loc) >= 3 and loc[0] == "targets" and isinstance(loc[1], int) and loc[2] in _TARGET_MODELS:
+            backend = loc.pop(2)
+            if problem["type"] == "extra_forbidden":
+                options = ", ".join(sorted(set(_TARGET_MODELS[backend].model_fields) - {"backend"}))
+                message = f"is not an option of backend {backend!r}; its options are {options}"
         lines.append(f"  {_format_location(tuple(loc))}: {message}")
     return "\n".join(lines)
 
@@ -369,6 +525,7 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
     if not isinstance(data, dict):
         raise SpecError(f"invalid spec {source}: expected a mapping at the top level, got {type(data).__name__}")
     _check_size(data, source)
+    target_models()
     try:
         spec = ModelSpec.model_validate(data)
     except ValidationError as err:
@@ -412,7 +569,7 @@ def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
 
     updates: dict[str, Any] = {
         "checkpoint": resolve(spec.checkpoint),
-        "eval": spec.eval.model_copy(update={"data": resolve(spec.eval.data)}),
+        "eval": spec.eval.under(base),
         "source": base,
     }
     if spec.calibration is not None:

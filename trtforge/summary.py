@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from trtforge.stages.runner import Stage
+
 
 class TargetStatus(str, Enum):
     PASSED = "passed"
@@ -33,9 +35,51 @@ class TargetOutcome(BaseModel):
 
 
 class StageTiming(BaseModel):
-    stage: str
+    stage: Stage
     seconds: float
     detail: str = ""
+
+
+class FlaggedOpType(BaseModel):
+    op_type: str
+    conditional: int
+    unsupported: int
+
+
+class CompatibilitySummary(BaseModel):
+    """One operator check: of one graph against one TensorRT version."""
+
+    source: str
+    tensorrt_version: str
+    nodes: int
+    supported: int
+    conditional: int
+    unsupported: int
+    flagged_op_types: list[FlaggedOpType] = []
+
+
+class CalibrationFailure(BaseModel):
+    expectation: str
+    column: str | None
+    details: str
+
+
+class CalibrationSummary(BaseModel):
+    passed: bool
+    samples: int
+    sha256: str
+    failed: list[CalibrationFailure] = []
+    data_docs: str | None = None
+
+
+class ConversionSummary(BaseModel):
+    precision: str
+    method: str
+    qdq_node_count: int
+    quantized_op_types: dict[str, int] = {}
+    seconds: float
+    cached: bool
+    modelopt_version: str | None = None
 
 
 class RunSummary(BaseModel):
@@ -50,9 +94,9 @@ class RunSummary(BaseModel):
     stages: list[StageTiming] = []
     targets: list[TargetOutcome] = []
     warnings: list[str] = []
-    compatibility: list[dict[str, Any]] = []
-    calibration: dict[str, Any] | None = None
-    conversions: list[dict[str, Any]] = []
+    compatibility: list[CompatibilitySummary] = []
+    calibration: CalibrationSummary | None = None
+    conversions: list[ConversionSummary] = []
 
     def public_json(self) -> dict[str, Any]:
         """The stable ``--json`` shape of ``trtforge run``."""

@@ -1,8 +1,10 @@
 """The small protocol every engine backend implements, and the registry of backends by name.
 
 A backend builds an engine file from an ONNX model for one target and loads it back as a
-runner for the gate and the benchmarks. Adding a backend is one module that calls
-``register_backend``; targets name it in the spec.
+runner for the gate and the benchmarks. Adding a backend is one module: its target model (a
+``Target`` subclass with ``backend: Literal["name"]`` and the options that apply to it) and
+its backend object, registered together with ``register_backend``; targets name it in the spec
+(tests/test_backend_extension.py adds one in a single file).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from trtforge.errors import TrtforgeError
-from trtforge.spec import ModelSpec, Target
+from trtforge.spec import ModelSpec, Target, register_target_model
 
 
 @dataclass(frozen=True)
@@ -35,31 +37,58 @@ class BuiltEngine:
     extra_files: dict[str, Path] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build gets besides the model, the target and the spec; a backend ignores what does not apply to it."""
+
+    # TensorRT's timing cache: read before the build when the file exists, written after it.
+    timing_cache: Path | None = None
+
+
 class Runner(Protocol):
     input_names: list[str]
     output_names: list[str]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
+        """Milliseconds of each of ``iterations`` calls on ``feeds``, by the runtime's own clock (CUDA events on a GPU)."""
+
+    def close(self) -> None:
+        """Free what the runner holds (sessions, streams, device buffers)."""
+
 
 class Backend(Protocol):
     name: str
+    # First part of the target tags of its engines, e.g. 'ort' in ort1.32-cpu-fp32-b1_32_128.
+    tag_prefix: str
+    target_model: type[Target]
 
     def runtime_version(self) -> str | None:
         """Version of the runtime that builds the engine, or None where it is not installed."""
 
     def availability(self, target: Target) -> Availability: ...
 
-    def build(self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path) -> BuiltEngine: ...
+    def build(
+        self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path, options: BuildOptions = BuildOptions()
+    ) -> BuiltEngine: ...
 
     def load_runner(self, engine_path: Path) -> Runner: ...
+
+    def timing_cache_key(self, target: Target) -> str | None:
+        """The registry key of the build-tuning cache that builds of ``target`` share, or None where the backend has none."""
 
 
 _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` and its target model known: spec targets with ``backend: <its name>`` validate against that model."""
+    declared = backend.target_model.model_fields["backend"].default
+    if declared != backend.name:
+        raise TypeError(f"backend {backend.name!r} registers a target model whose 'backend' defaults to {declared!r}")
     _BACKENDS[backend.name] = backend
+    register_target_model(backend.target_model)
     return backend
 
 
@@ -90,7 +119,5 @@ def target_tag(target: Target, spec: ModelSpec, runtime_version: str | None) -> 
     The runtime's major.minor is part of the tag because engines (TensorRT plans, and
     onnxruntime-optimized graphs with contrib ops) are tied to the runtime that made them.
     """
-    prefix = {"onnxruntime": "ort", "tensorrt": "trt"}[target.backend.value]
     version = ".".join(runtime_version.split(".")[:2]) if runtime_version else ""
-    place = target.arch.replace("_", "") if target.arch else target.device
-    return f"{prefix}{version}-{place}-{target.precision.value}-{shape_profile_tag(spec)}"
+    return f"{get_backend(target.backend).tag_prefix}{version}-{target.place}-{target.precision.value}-{shape_profile_tag(spec)}"

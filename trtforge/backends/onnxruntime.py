@@ -9,10 +9,11 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from trtforge.backends.base import Availability, BuiltEngine, register_backend, target_tag
+from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend, target_tag
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.numeric import onnxruntime_session
@@ -21,6 +22,17 @@ from trtforge.spec import ModelSpec, Precision, Target
 
 SUPPORTED_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
+
+
+class OnnxRuntimeTarget(Target):
+    """An onnxruntime CPU target: precision and the common options, nothing GPU-specific."""
+
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    device: Literal["cpu"] = "cpu"
+
+    @property
+    def place(self) -> str:
+        return self.device
 
 
 class OnnxRuntimeRunner:
@@ -33,9 +45,25 @@ class OnnxRuntimeRunner:
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs))
 
+    def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
+        """Wall-clock milliseconds per call: on a CPU the call is the whole inference."""
+        for _ in range(warmup):
+            self.run(feeds)
+        times = []
+        for _ in range(iterations):
+            started = time.perf_counter()
+            self.run(feeds)
+            times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    def close(self) -> None:
+        self.session = None
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    tag_prefix = "ort"
+    target_model = OnnxRuntimeTarget
 
     def runtime_version(self) -> str | None:
         import onnxruntime
@@ -48,7 +76,7 @@ class OnnxRuntimeBackend:
             return Availability(False, f"onnxruntime CPU has no {target.precision.value} kernels; use one of {supported}")
         return Availability(True)
 
-    def build(self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path) -> BuiltEngine:
+    def build(self, onnx_path: Path, target: Target, spec: ModelSpec, out_dir: Path, options: BuildOptions = BuildOptions()) -> BuiltEngine:
         tag = target_tag(target, spec, self.runtime_version())
         out_dir.mkdir(parents=True, exist_ok=True)
         engine = out_dir / "engine"
@@ -78,6 +106,9 @@ class OnnxRuntimeBackend:
 
     def load_runner(self, engine_path: Path) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(engine_path)
+
+    def timing_cache_key(self, target: Target) -> None:
+        return None
 
 
 register_backend(OnnxRuntimeBackend())

@@ -18,24 +18,24 @@ import ctypes
 import importlib
 import importlib.util
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from trtforge.backends.base import Availability, BuiltEngine, register_backend, target_tag
+from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend, target_tag
 from trtforge.errors import SpecError, StageError, TrtforgeError
 from trtforge.gpu import GpuInfo, LocalGpus, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
+from trtforge.onnxfacts import precision_facts
 from trtforge.profiles import ShapeProfile, derive_profiles
-from trtforge.spec import BackendName, ModelSpec, Precision, Target
+from trtforge.safeio import OnnxModelError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_onnx_safely
+from trtforge.spec import GPU_ARCHS, ModelSpec, Precision, Target
 
 STAGE = "build"
 ENGINE_FILE = "engine.plan"
@@ -83,6 +83,40 @@ def probe_tensorrt() -> TensorRTProbe:
     return TensorRTProbe(version)
 
 
+class TensorRTTarget(Target):
+    """A TensorRT engine for one GPU architecture, with the builder options that apply to it."""
+
+    backend: Literal["tensorrt"] = "tensorrt"
+    device: Literal["gpu"] = "gpu"
+    arch: str = Field(description="GPU architecture, e.g. sm_90; one of " + ", ".join(GPU_ARCHS))
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
+    optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
+    workspace_mb: Annotated[int, Field(ge=1)] | None = None
+    tiling_optimization_level: Literal["none", "fast", "moderate", "full"] | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in GPU_ARCHS:
+            raise ValueError(f"arch {value!r} is not one of " + ", ".join(GPU_ARCHS))
+        return value
+
+    @property
+    def place(self) -> str:
+        return self.arch.replace("_", "")
+
+    @property
+    def pool(self) -> str:
+        return self.work_pool or f"gpu-{self.place}"
+
+
+def timing_cache_key(tensorrt_version: str, target: TensorRTTarget) -> str:
+    """One shared cache per (TensorRT major.minor, compute capability): tactics differ across both."""
+    return f"trt{'.'.join(tensorrt_version.split('.')[:2])}-{target.place}"
+
+
 def _major(arch: str) -> int:
     return capability_from_arch(arch)[0]
 
@@ -101,8 +135,8 @@ def select_gpu(target: Target, gpus: LocalGpus) -> GpuInfo | None:
 def availability_for(target: Target, tensorrt: TensorRTProbe, gpus: LocalGpus) -> Availability:
     """Whether a process with this TensorRT and these GPUs can build and run ``target``, and if not,
     every reason why, each with what to do about it."""
-    if target.backend is not BackendName.TENSORRT:
-        return Availability(False, f"target backend is {target.backend.value!r}, not 'tensorrt'")
+    if not isinstance(target, TensorRTTarget):
+        return Availability(False, f"target backend is {target.backend!r}, not 'tensorrt'")
     reasons = []
     if not tensorrt.usable:
         reasons.append(tensorrt.reason)
@@ -143,8 +177,8 @@ class TensorRTBuildSettings(BaseModel):
 def build_settings(spec: ModelSpec, target: Target) -> TensorRTBuildSettings:
     """The builder settings for ``target``, checked for combinations TensorRT would refuse."""
     where = f"targets[{spec.targets.index(target)}]" if target in spec.targets else "target"
-    if target.backend is not BackendName.TENSORRT:
-        raise SpecError(f"spec {spec.name!r}: {where} has backend {target.backend.value!r}, not 'tensorrt'")
+    if not isinstance(target, TensorRTTarget):
+        raise SpecError(f"spec {spec.name!r}: {where} has backend {target.backend!r}, not 'tensorrt'")
     if target.exclude_lean_runtime and not target.version_compatible:
         raise SpecError(
             f"spec {spec.name!r}: {where}.exclude_lean_runtime only applies to version-compatible engines: "
@@ -214,68 +248,17 @@ class TensorRTBuildRecord(BaseModel):
     built_at: str
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def _precisions_in(model) -> set[Precision]:
-    """The reduced precisions an ONNX graph computes in: from Q/DQ zero points (or quantized
-    initializers) and from float16/bfloat16 initializers and casts. Constants count as initializers."""
-    from onnx import TensorProto
-
-    initializers = {init.name: init.data_type for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                initializers[node.output[0]] = value.data_type
-    found: set[Precision] = set()
-    quantized_types = {
-        TensorProto.INT8: Precision.INT8,
-        TensorProto.UINT8: Precision.INT8,
-        TensorProto.FLOAT8E4M3FN: Precision.FP8,
-        TensorProto.FLOAT8E5M2: Precision.FP8,
-    }
-    half_types = {TensorProto.FLOAT16: Precision.FP16, TensorProto.BFLOAT16: Precision.BF16}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            typed = [initializers[name] for name in node.input[1:] if name in initializers]
-            if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
-                typed.append(initializers[node.input[0]])
-            kinds = {quantized_types[t] for t in typed if t in quantized_types}
-            # Without a zero point, Q/DQ default to uint8.
-            found |= kinds or {Precision.INT8}
-        elif node.op_type == "Cast":
-            to = next((a.i for a in node.attribute if a.name == "to"), None)
-            if to in half_types:
-                found.add(half_types[to])
-    found |= {half_types[t] for t in initializers.values() if t in half_types}
-    return found
-
-
-def check_onnx_precision(onnx_path: Path, precision: Precision) -> None:
+def check_onnx_precision(onnx_path: Path, precision: Precision, *, plugins: Sequence[str] = ()) -> None:
     """Refuse an ONNX model that does not carry ``precision``: a strongly typed network is built in
     the types the ONNX has, so an unconverted model would give an fp32 engine under another name
-    (and a quantized one an int8 engine named fp32)."""
-    import onnx
-
+    (and a quantized one an int8 engine named fp32). ``plugins`` as for ``load_onnx_safely``."""
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError, OSError or ValueError depending on how the file is broken
-        raise StageError(STAGE, f"{onnx_path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
-    found = _precisions_in(model)
+        model = load_onnx_safely(onnx_path, plugins=plugins, load_external_data=False)
+    except OnnxModelError as err:
+        raise StageError(STAGE, str(err)) from None
+    facts = precision_facts(model)
     if precision is Precision.FP32:
-        quantized = sorted(p.value for p in found if p.needs_calibration)
+        quantized = [p.value for p in facts.quantized]
         if quantized:
             raise StageError(
                 STAGE,
@@ -283,7 +266,7 @@ def check_onnx_precision(onnx_path: Path, precision: Precision) -> None:
                 f"give this target the unquantized model, or set its precision to {quantized[0]}",
             )
         return
-    if precision not in found:
+    if precision not in facts.precisions:
         missing = f"{precision.value} Q/DQ nodes" if precision.needs_calibration else f"{precision.value} tensors"
         raise StageError(
             STAGE,
@@ -328,6 +311,7 @@ class LatencyStats:
     min_ms: float
     runs: int
     warmup: int
+    samples_ms: tuple[float, ...]
 
 
 def time_on_stream(enqueue: Callable[[], None], stream_ptr: int, runs: int = 200, warmup: int = 20) -> LatencyStats:
@@ -365,6 +349,7 @@ def time_on_stream(enqueue: Callable[[], None], stream_ptr: int, runs: int = 200
         min_ms=float(samples.min()),
         runs=runs,
         warmup=warmup,
+        samples_ms=tuple(times),
     )
 
 
@@ -378,7 +363,10 @@ class ProfileLatency:
     stats: LatencyStats
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The figures without the per-run samples, for reports."""
+        record = asdict(self)
+        del record["stats"]["samples_ms"]
+        return record
 
 
 def _runtime_module(kind: RuntimeKind):
@@ -544,6 +532,12 @@ class TensorRTRunner:
         self._stream.synchronize()
         return outputs
 
+    def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
+        """GPU milliseconds of each inference on ``feeds``, by CUDA events on the runner's stream."""
+        arrays = self._validated(feeds)
+        self._prepare(arrays, self._profile_for({n: a.shape for n, a in arrays.items()}))
+        return list(time_on_stream(self._enqueue, self._stream.ptr, runs=iterations, warmup=warmup).samples_ms)
+
     def measure_latency(self, runs: int = 200, warmup: int = 20, seed: int = 0) -> list[ProfileLatency]:
         """GPU latency of one inference at each profile's opt shapes: median and p99 over ``runs``."""
         rng = np.random.default_rng(seed)
@@ -565,6 +559,8 @@ class TensorRTRunner:
 
 class TensorRTBackend:
     name = "tensorrt"
+    tag_prefix = "trt"
+    target_model = TensorRTTarget
 
     def runtime_version(self) -> str | None:
         return probe_tensorrt().version
@@ -578,19 +574,18 @@ class TensorRTBackend:
         target: Target,
         spec: ModelSpec,
         out_dir: Path,
-        *,
-        timing_cache: Path | None = None,
+        options: BuildOptions = BuildOptions(),
     ) -> BuiltEngine:
         """Build ``onnx_path`` for ``target`` into ``out_dir``: engine.plan, build.json and layers.json.
 
-        ``timing_cache`` is loaded before the build when it exists and saved (merged with whatever
-        another build wrote there meanwhile) after it.
+        ``options.timing_cache`` is loaded before the build when it exists and saved (merged with
+        whatever another build wrote there meanwhile) after it.
         """
         settings = build_settings(spec, target)
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise StageError(STAGE, f"ONNX model {onnx_path} does not exist: run the export and precision stages first")
-        check_onnx_precision(onnx_path, target.precision)
+        check_onnx_precision(onnx_path, target.precision, plugins=spec.plugins)
         probe = probe_tensorrt()
         gpus = detect_gpus()
         availability = availability_for(target, probe, gpus)
@@ -603,17 +598,17 @@ class TensorRTBackend:
         from polygraphy.exception import PolygraphyException
 
         try:
-            engine_bytes, build_seconds, cache_use = _build_serialized(trt, onnx_path, settings, timing_cache)
+            engine_bytes, build_seconds, cache_use = _build_serialized(trt, onnx_path, settings, options.timing_cache)
             layers = _layer_information(trt, engine_bytes)
         except PolygraphyException as err:
             raise StageError(STAGE, f"TensorRT could not build {onnx_path} for {target.arch}: {err}") from None
 
         out_dir = Path(out_dir)
         engine_path = out_dir / ENGINE_FILE
-        _write_atomic(engine_path, engine_bytes)
+        atomic_write_bytes(engine_path, engine_bytes)
 
         layers_path = out_dir / LAYERS_FILE
-        _write_atomic(layers_path, json.dumps(layers, indent=2).encode())
+        atomic_write_json(layers_path, layers)
         tag = target_tag(target, spec, probe.version)
         record = TensorRTBuildRecord(
             tag=tag,
@@ -637,7 +632,7 @@ class TensorRTBackend:
             built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         record_path = out_dir / RECORD_FILE
-        _write_atomic(record_path, record.model_dump_json(indent=2).encode())
+        atomic_write_text(record_path, record.model_dump_json(indent=2))
         return BuiltEngine(
             tag=tag,
             engine_path=engine_path,
@@ -648,6 +643,10 @@ class TensorRTBackend:
     def load_runner(self, engine_path: Path, *, runtime: RuntimeKind = "full") -> TensorRTRunner:
         """A runner for a plan; ``runtime="lean"`` loads it with the lean runtime (version-compatible engines)."""
         return TensorRTRunner(engine_path, runtime=runtime)
+
+    def timing_cache_key(self, target: Target) -> str | None:
+        version = self.runtime_version()
+        return timing_cache_key(version, target) if version is not None else None
 
 
 def _enum_member(enum: Any, value: str, setting: str, version: str) -> Any:
@@ -740,7 +739,7 @@ def _save_timing_cache(config, path: Path, merge: bool) -> int:
             cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=False)
         with cache.serialize() as serialized:
             data = bytes(memoryview(serialized))
-        _write_atomic(path, data)
+        atomic_write_bytes(path, data)
     return len(data)
 
 
