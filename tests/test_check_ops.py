@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,11 +22,15 @@ from trtforge.errors import CompatibilityError, StageError
 from trtforge.safeio import OnnxModelError
 from trtforge.stages.check_ops import (
     ParserError,
+    analyse,
     check_ops,
     load_table,
     merge_parser_result,
     static_check,
+    table_version_for,
 )
+from trtforge.stages.check_ops import parser as parser_module
+from trtforge.stages.check_ops.graph import node_name
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
@@ -401,6 +406,39 @@ def test_uint8_qdq_inside_the_network_is_unsupported(tmp_path):
     assert "is UINT8 inside the network" in node.reason
 
 
+def qdq_conv_model(tmp_path, weights_from: str) -> Path:
+    """Conv whose weights come through DequantizeLinear: of an int8 initializer, of a Q of an fp32 one, or of a graph input."""
+    inputs = [tensor("x", FLOAT, [1, 2, 8, 8])]
+    inits = [initializer("scale", 0.02), initializer("zp", 0, np.int8), initializer("bias", np.zeros(4))]
+    nodes = []
+    if weights_from == "int8 initializer":
+        inits.append(initializer("w_q", np.ones((4, 2, 3, 3)), np.int8))
+    elif weights_from == "quantized initializer":
+        inits.append(initializer("w", np.full((4, 2, 3, 3), 0.1)))
+        nodes.append(helper.make_node("QuantizeLinear", ["w", "scale", "zp"], ["w_q"], name="quantize_w"))
+    else:
+        inputs.append(tensor("w_q", TensorProto.INT8, [4, 2, 3, 3]))
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["x_q"], name="quantize_x"),
+        helper.make_node("DequantizeLinear", ["x_q", "scale", "zp"], ["x_dq"], name="dequantize_x"),
+        helper.make_node("DequantizeLinear", ["w_q", "scale", "zp"], ["w_dq"], name="dequantize_w"),
+        helper.make_node("Conv", ["x_dq", "w_dq", "bias"], ["y"], name="conv", kernel_shape=[3, 3]),
+    ]
+    return save_model(tmp_path / "qdq_conv.onnx", nodes, inputs, [tensor("y", FLOAT, [1, 4, 6, 6])], inits)
+
+
+@pytest.mark.parametrize("weights_from", ["int8 initializer", "quantized initializer"])
+def test_conv_with_dequantized_constant_weights_is_the_int8_pattern_not_a_finding(tmp_path, weights_from):
+    report = static(qdq_conv_model(tmp_path, weights_from))
+    assert report.ok and report.summary.conditional == 0, report.format_table()
+
+
+def test_conv_with_dequantized_runtime_weights_never_advises_folding_the_dequantize(tmp_path):
+    conv = by_name(static(qdq_conv_model(tmp_path, "graph input")), "conv")
+    assert conv.status == "conditional" and "not an initializer" in conv.reason
+    assert "keep the DequantizeLinear" in conv.fix and "fold" not in conv.fix
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -476,39 +514,81 @@ def test_external_data_through_a_symbolic_link_is_refused(tmp_path):
         check_ops(path)
 
 
+def test_custom_domain_nodes_are_reported_but_unsafe_external_data_is_still_refused(tmp_path):
+    path = external_model(tmp_path / "model", zero_point=0)
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.node.append(helper.make_node("FancyNorm", ["y"], ["z"], name="fancy", domain="com.example"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(model, str(path))
+    assert by_name(static(path), "fancy").status == "unsupported"
+    (tmp_path / "model" / "weights.bin").rename(tmp_path / "elsewhere.bin")
+    os.symlink(tmp_path / "elsewhere.bin", tmp_path / "model" / "weights.bin")
+    with pytest.raises(OnnxModelError, match=r"weights.bin is a symbolic link"):
+        static(path)
+
+
 # --------------------------------------------------------------------------- tables, versions, failures
 
 
-def test_data_file_is_what_the_generator_writes_from_the_published_table():
+def run_table_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "tensorrt_ops_table.py"), *args], capture_output=True, text=True)
+
+
+def test_data_files_are_what_the_generator_writes_from_the_published_tables():
     source = REPO / "trtforge" / "data" / "tensorrt-10.1-onnx-operator-support.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "tensorrt_ops_table.py"),
-            str(source),
-            "--tensorrt-version",
-            "10.1",
-            "--check",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_table_tool(str(source), "--tensorrt-version", "10.1", "--check")
     assert result.returncode == 0, result.stderr
+    every = run_table_tool("--check")
+    assert every.returncode == 0, every.stderr
     data = json.loads((REPO / "trtforge" / "data" / "tensorrt_onnx_ops_10.1.json").read_text())
     assert data["tensorrt_version"] == "10.1" and (data["opset_min"], data["opset_max"]) == (9, 20)
     assert data["operators"]["Unique"]["supported"] is False
     assert {"kind": "initializer_input", "input": "axes"} in [r["check"] for r in data["operators"]["Slice"]["restrictions"]]
 
 
+def test_generator_refuses_a_document_of_another_major_version(tmp_path):
+    source = REPO / "trtforge" / "data" / "tensorrt-10.1-onnx-operator-support.md"
+    result = run_table_tool(str(source), "--tensorrt-version", "11.0", "--output", str(tmp_path / "table.json"))
+    assert result.returncode != 0 and "says 'TensorRT 10.0', not TensorRT 11.0's major version" in result.stderr
+    assert not (tmp_path / "table.json").exists()
+
+
+def test_a_table_with_a_check_kind_without_a_rule_is_refused(tmp_path):
+    table, _ = load_table("10.1")
+    slice_entry = table.operators["Slice"]
+    unknown = {**slice_entry, "restrictions": [{"text": "`axes` must be sorted", "check": {"kind": "sorted_axes"}}]}
+    edited = dataclasses.replace(table, operators={**table.operators, "Slice": unknown})
+    with pytest.raises(StageError, match=r"Slice's restriction '`axes` must be sorted' has check kind 'sorted_axes'.*rules.py"):
+        static_check(onnx.load(str(custom_op_model(tmp_path))), tmp_path, edited, plugins=[])
+
+
 def test_table_versions(tmp_path):
     exact, note = load_table("10.1.0")
     assert exact.tensorrt_version == "10.1" and note is None
-    newer, note = load_table("11.4")
-    assert newer.tensorrt_version == "10.1" and "no operator table for TensorRT 11.4" in note
-    with pytest.raises(StageError, match=r"no operator table for TensorRT 8.6 or older"):
-        load_table("8.6")
-    report = static(custom_op_model(tmp_path), tensorrt_version="11.4")
-    assert any("no operator table for TensorRT 11.4" in n for n in report.notes)
+    later_minor, note = load_table("10.8")
+    assert later_minor.tensorrt_version == "10.1" and "newest of TensorRT 10" in note and "reported unsupported" in note
+    earlier_minor, note = load_table("10.0.1")
+    assert earlier_minor.tensorrt_version == "10.1" and "added after 10.0.1 are reported supported" in note
+    for other_major in ("11.4", "8.6"):
+        with pytest.raises(StageError, match=rf"no operator table for TensorRT {other_major[:-2]}.x .*tables for 10.1"):
+            load_table(other_major)
+    with pytest.raises(StageError, match=r"no operator table for TensorRT 11.x"):
+        static(custom_op_model(tmp_path), tensorrt_version="11.4")
+
+
+def test_the_newest_table_of_the_same_major_version_answers():
+    versions = ["10.1", "10.8", "11.1", "11.3"]
+    assert table_version_for(None, versions) == ("11.3", None)
+    assert table_version_for("11.1.0.5", versions) == ("11.1", None)
+    chosen, note = table_version_for("11.4", versions)
+    assert chosen == "11.3" and "reported unsupported" in note
+    chosen, note = table_version_for("10.5", versions)
+    assert chosen == "10.8" and "added after 10.5 are reported supported" in note
+    with pytest.raises(StageError, match=r"no operator table for TensorRT 12.x"):
+        table_version_for("12.0", versions)
+    with pytest.raises(StageError, match=r"'eleven' is not a version like 10.1"):
+        table_version_for("eleven", versions)
 
 
 def test_raise_if_unsupported_lists_each_node_with_reason_and_fix(tmp_path):
@@ -518,7 +598,7 @@ def test_raise_if_unsupported_lists_each_node_with_reason_and_fix(tmp_path):
     assert json.loads(report.model_dump_json())["summary"]["unsupported"] == 1
 
 
-def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_first_failure(tmp_path):
+def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_first_error(tmp_path):
     path = save_model(
         tmp_path / "chain.onnx",
         [
@@ -541,10 +621,19 @@ def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_f
     verdicts = {n.name: n for n in merged}
     assert verdicts["first"].status == "supported"
     assert verdicts["fancy"].status == "unsupported" and verdicts["fancy"].reason == "TensorRT's parser: no importer for FancyNorm"
-    assert verdicts["dedupe"].status == "unsupported" and "not imported" in verdicts["dedupe"].reason
-    assert verdicts["last"].status == "supported" and "not imported" in verdicts["last"].reason
+    # The parser static-checks every node, so Unique's static verdict stands beside its passing the parser's checks.
+    assert verdicts["dedupe"].status == "unsupported" and "passed TensorRT's static checks" in verdicts["dedupe"].reason
+    assert "import is not confirmed" in verdicts["last"].reason and "first error (at fancy)" in verdicts["last"].reason
+    assert verdicts["last"].status == "supported"
     assert verdicts["(model)"].reason == "TensorRT's parser: input x has an unsupported type"
-    assert any("nodes after fancy" in n for n in notes)
+    assert any("static-checked every node but imported only those before its first error (at fancy)" in n for n in notes)
+    assert not any("stops at the first" in n.reason for n in merged)
+
+    # Network inputs are imported before any node: an input error first means no node was imported.
+    input_first, _ = merge_parser_result(result, parsed=False, errors=errors[::-1], plugins=[])
+    verdicts = {n.name: n for n in input_first}
+    assert "import is not confirmed" in verdicts["first"].reason and "outside any node" in verdicts["first"].reason
+    assert verdicts["fancy"].status == "unsupported"
 
     as_plugin, _ = merge_parser_result(result, parsed=False, errors=errors[:1], plugins=["com.example"])
     assert {n.name: n for n in as_plugin}["fancy"].status == "conditional"
@@ -555,8 +644,27 @@ def test_merge_puts_parser_errors_on_nodes_and_keeps_static_verdicts_after_the_f
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_requiring_the_parser_without_tensorrt_fails_clearly(tmp_path):
-    with pytest.raises(StageError, match="TensorRT is not installed"):
+    with pytest.raises(StageError, match="TensorRT is not installed, so its parser cannot check the model"):
         check_ops(custom_op_model(tmp_path), use_tensorrt=True)
+
+
+def _gpu_visible() -> bool:
+    from trtforge.gpu import detect_gpus
+
+    return detect_gpus().available
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None or _gpu_visible(), reason="needs a machine without TensorRT and GPU")
+def test_tensorrt_without_a_gpu_says_the_parser_needs_a_gpu_worker_and_uses_the_table(tmp_path, monkeypatch):
+    # Only the installation is pretended: the GPU detection is this machine's, which has none.
+    monkeypatch.setattr(parser_module, "tensorrt_importable", lambda: True)
+    report = analyse(str(custom_op_model(tmp_path)), [], None, None)
+    assert report.source == "static-table"
+    assert any(n.startswith("TensorRT's ONNX parser needs a GPU worker") and "static table" in n for n in report.notes)
+    with pytest.raises(StageError, match=r"parser needs a GPU worker.*run the check on a GPU worker"):
+        analyse(str(custom_op_model(tmp_path)), [], None, True)
+    with pytest.raises(StageError, match=r"parser needs a GPU worker.*; and no operator table for TensorRT 11.x"):
+        analyse(str(custom_op_model(tmp_path)), [], "11.4", None)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -606,6 +714,35 @@ def test_exported_models_pass(request, fixture):
     assert report.ok, report.failure_message()
     assert report.summary.nodes == len(onnx.load(str(path), load_external_data=False).graph.node)
     assert report.summary.conditional == 0, report.format_table()
+
+
+@pytest.fixture(scope="module")
+def digits_int8_onnx(digits_onnx, digits_spec, tmp_path_factory) -> Path:
+    """The digits CNN as the convert stage writes it for int8 (ModelOpt Q/DQ), calibrated on the project's calibration set."""
+    from trtforge.spec import Precision, PrecisionOptions
+    from trtforge.stages.convert_precision import convert_precision
+
+    with np.load(REPO / "calibration_data" / "digits" / "calibration.npz") as archive:
+        images = archive["input"][:64]
+    cache = tmp_path_factory.mktemp("digits-int8")
+    return convert_precision(
+        digits_onnx, Precision.INT8, {"input": images}, PrecisionOptions(), spec=digits_spec, cache_dir=cache
+    ).onnx_path
+
+
+def test_int8_qdq_graph_of_the_convert_stage_has_no_findings(digits_int8_onnx):
+    model = onnx.load(str(digits_int8_onnx))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    weighted = [
+        node
+        for node in model.graph.node
+        if node.op_type in ("Conv", "Gemm", "MatMul") and getattr(producers.get(node.input[1]), "op_type", None) == "DequantizeLinear"
+    ]
+    assert {node.op_type for node in weighted} >= {"Conv", "Gemm"}, "ModelOpt no longer feeds weights through Q/DQ"
+    report = static(digits_int8_onnx)
+    assert report.ok and report.summary.conditional == 0, report.format_table()
+    for node in weighted:
+        assert by_name(report, node_name(node)).status == "supported"
 
 
 @pytest.mark.tensorrt

@@ -2,12 +2,17 @@
 
     python tools/tensorrt_ops_table.py trtforge/data/tensorrt-10.1-onnx-operator-support.md --tensorrt-version 10.1
     python tools/tensorrt_ops_table.py trtforge/data/tensorrt-10.1-onnx-operator-support.md --tensorrt-version 10.1 --check
+    python tools/tensorrt_ops_table.py --check
 
-The table is onnx-tensorrt's ``docs/operators.md`` for that release. Each restriction sentence
-is matched against the phrasings below and turned into a machine check that
-``trtforge.stages.check_ops`` runs; a sentence no phrasing matches is kept with ``"check": null``
-and makes every node of that operator "conditional" until a phrasing is added here. ``--check``
-exits 1 when the committed data file differs from what this script would write (CI runs it).
+The table is onnx-tensorrt's ``docs/operators.md`` for that release, saved in trtforge/data as
+``tensorrt-<version>-onnx-operator-support.md``. Each restriction sentence is matched against the
+phrasings below and turned into a machine check that ``trtforge.stages.check_ops`` runs (one rule
+per kind, ``trtforge/stages/check_ops/rules.py``); a sentence no phrasing matches is kept with
+``"check": null`` and makes every node of that operator "conditional" until a phrasing is added
+here. The document's own "TensorRT X.Y supports operators" sentence must name the major version
+given with ``--tensorrt-version``. ``--check`` exits 1 when a committed data file differs from what
+this script would write; without a source it checks every table committed in trtforge/data (the
+test suite runs it).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 import onnx.defs
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "trtforge" / "data"
+TABLE_PREFIX = "tensorrt_onnx_ops_"
+SOURCE_NAME = r"tensorrt-(\d+\.\d+)-onnx-operator-support\.md"
 
 TYPE_NAMES = {
     "FLOAT32": "FP32",
@@ -186,7 +193,12 @@ def build_table(source: Path, tensorrt_version: str) -> dict[str, Any]:
     if range_match is None:
         raise SystemExit(f"{source}: no 'range of opset N to opset M' sentence")
     opset_min, opset_max = int(range_match[1]), int(range_match[2])
-    statement = re.search(r"^TensorRT [\d.]+ supports operators[^\n]*", text, flags=re.MULTILINE)
+    statement = re.search(r"^TensorRT ([\d.]+) supports operators[^\n]*", text, flags=re.MULTILINE)
+    if statement is not None and statement[1].split(".")[0] != tensorrt_version.split(".")[0]:
+        raise SystemExit(
+            f"{source} says {statement[0].split(' supports')[0]!r}, not TensorRT {tensorrt_version}'s major version: "
+            "pass the docs/operators.md of that release"
+        )
     types_match = re.search(r"supports the following ONNX data types: ([^\n]+)", text)
     data_types = [TYPE_NAMES.get(t, t) for t in re.findall(r"[A-Z0-9]+", types_match[1].replace(" and ", " "))]
     notes = [n.strip() for n in re.findall(r"^> Note: (.+)$", text, flags=re.MULTILINE)]
@@ -253,25 +265,54 @@ def render(table: dict[str, Any]) -> str:
     return json.dumps(table, indent=1, ensure_ascii=False) + "\n"
 
 
+def _out_of_date(source: Path, tensorrt_version: str, output: Path) -> bool:
+    current = output.read_text() if output.is_file() else ""
+    if current == render(build_table(source, tensorrt_version)):
+        return False
+    print(
+        f"{output} is out of date with {source}; regenerate it with:\n"
+        f"  python tools/tensorrt_ops_table.py {source} --tensorrt-version {tensorrt_version}",
+        file=sys.stderr,
+    )
+    return True
+
+
+def check_committed() -> int:
+    """Every committed operator table against the Markdown it was generated from: 0 when all match."""
+    sources = {m[1]: path for path in sorted(DATA_DIR.glob("*.md")) if (m := re.fullmatch(SOURCE_NAME, path.name))}
+    tables = {path.stem.removeprefix(TABLE_PREFIX): path for path in sorted(DATA_DIR.glob(f"{TABLE_PREFIX}*.json"))}
+    failed = False
+    for version in sorted(set(tables) - set(sources)):
+        print(
+            f"{tables[version]} has no source beside it: save that release's docs/operators.md as {DATA_DIR}/tensorrt-{version}-onnx-operator-support.md",
+            file=sys.stderr,
+        )
+        failed = True
+    for version, source in sources.items():
+        failed |= _out_of_date(source, version, DATA_DIR / f"{TABLE_PREFIX}{version}.json")
+    if not sources:
+        print(f"no tensorrt-<version>-onnx-operator-support.md in {DATA_DIR}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="onnx-tensorrt docs/operators.md of one TensorRT release")
-    parser.add_argument("--tensorrt-version", required=True, help="the release the table describes, e.g. 10.1")
+    parser.add_argument("source", type=Path, nargs="?", help="onnx-tensorrt docs/operators.md of one TensorRT release")
+    parser.add_argument("--tensorrt-version", help="the release the table describes, e.g. 10.1 (required with a source)")
     parser.add_argument("--output", type=Path, help="default: trtforge/data/tensorrt_onnx_ops_<version>.json")
     parser.add_argument("--check", action="store_true", help="exit 1 if the data file is not what this script writes")
     args = parser.parse_args(argv)
-    output = args.output or DATA_DIR / f"tensorrt_onnx_ops_{args.tensorrt_version}.json"
-    rendered = render(build_table(args.source, args.tensorrt_version))
+    if args.source is None:
+        if not args.check:
+            parser.error("give a source, or --check alone to check every committed table")
+        return check_committed()
+    if args.tensorrt_version is None:
+        parser.error("--tensorrt-version is required with a source")
+    output = args.output or DATA_DIR / f"{TABLE_PREFIX}{args.tensorrt_version}.json"
     if args.check:
-        current = output.read_text() if output.is_file() else ""
-        if current != rendered:
-            print(
-                f"{output} is out of date with {args.source}; regenerate it with:\n"
-                f"  python tools/tensorrt_ops_table.py {args.source} --tensorrt-version {args.tensorrt_version}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
+        return 1 if _out_of_date(args.source, args.tensorrt_version, output) else 0
+    rendered = render(build_table(args.source, args.tensorrt_version))
     partial = output.with_name(output.name + ".partial")
     partial.write_text(rendered)
     partial.replace(output)

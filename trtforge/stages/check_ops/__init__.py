@@ -26,7 +26,7 @@ from trtforge.stages.check_ops.report import STAGE, CompatibilityReport, NodeRep
 from trtforge.stages.check_ops.rules import RULES
 from trtforge.stages.check_ops.stage import analyse, check_ops
 from trtforge.stages.check_ops.static import StaticResult, static_check
-from trtforge.stages.check_ops.table import OperatorTable, available_tables, load_table
+from trtforge.stages.check_ops.table import OperatorTable, available_tables, load_table, table_version_for
 
 __all__ = [
     "RULES",
@@ -44,4 +44,5 @@ __all__ = [
     "load_table",
     "merge_parser_result",
     "static_check",
+    "table_version_for",
 ]

@@ -68,6 +68,22 @@ class Scope:
     def is_constant(self, name: str) -> bool:
         return name in self.constants
 
+    def is_dequantized_constant(self, name: str) -> bool:
+        """Whether ``name`` is a DequantizeLinear of a constant, or of a QuantizeLinear of a constant.
+
+        That is how int8/fp8 Q/DQ graphs (ModelOpt's, the convert stage's) give Conv, ConvTranspose,
+        Gemm and MatMul their weights: TensorRT reads the pattern as explicit quantization and folds
+        it into the layer's quantized weights when it builds the engine.
+        """
+        dequantize = self.producers.get(name)
+        if not _is_default_op(dequantize, "DequantizeLinear") or not dequantize.input:
+            return False
+        source = dequantize.input[0]
+        quantize = self.producers.get(source)
+        if _is_default_op(quantize, "QuantizeLinear") and quantize.input:
+            source = quantize.input[0]
+        return self.is_constant(source)
+
     def value(self, name: str):
         """The constant's values as numpy, or None when not a constant, too large, or unreadable."""
         from onnx import numpy_helper
@@ -93,6 +109,10 @@ class Scope:
         if not tensor_type.HasField("shape"):
             return None
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+
+
+def _is_default_op(node, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in DEFAULT_DOMAINS
 
 
 def constant_node_tensor(node):

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtforge.stages.check_ops.report import NodeReport
+from trtforge.errors import StageError
+from trtforge.gpu import detect_gpus
+from trtforge.stages.check_ops.report import STAGE, NodeReport
 from trtforge.stages.check_ops.static import StaticResult
 
 
@@ -21,13 +23,31 @@ class ParserError:
     message: str
 
 
+NOT_INSTALLED = "TensorRT is not installed"
+GPU_NEEDED = "TensorRT's ONNX parser needs a GPU worker: creating a TensorRT builder needs a CUDA GPU"
+
+
+def parser_unavailable_reason() -> str | None:
+    """Why TensorRT's parser cannot run in this process, or None when it can."""
+    if not tensorrt_importable():
+        return NOT_INSTALLED
+    gpus = detect_gpus()
+    if not gpus.available:
+        return f"{GPU_NEEDED}, and none is visible here ({gpus.reason or 'NVML lists no GPU'})"
+    return None
+
+
 def run_parser(path: Path) -> tuple[bool, list[ParserError], str]:
     """Parse with TensorRT's ONNX parser (strongly typed network, as the build uses) and collect its errors."""
     import tensorrt as trt
     from polygraphy.backend.trt import create_network, get_trt_logger
 
-    # The builder owns the network: it stays referenced until the parser's errors are read.
-    builder, network = create_network(strongly_typed=True)
+    try:
+        # The builder owns the network: it stays referenced until the parser's errors are read.
+        builder, network = create_network(strongly_typed=True)
+    except TypeError as err:
+        # trt.Builder returns no builder without a usable CUDA device, which pybind reports as a TypeError.
+        raise StageError(STAGE, f"{GPU_NEEDED}, and TensorRT could not create one here ({err})") from None
     logger = get_trt_logger()
     trt.init_libnvinfer_plugins(logger, "")
     parser = trt.OnnxParser(network, logger)
@@ -49,11 +69,15 @@ def run_parser(path: Path) -> tuple[bool, list[ParserError], str]:
 def merge_parser_result(
     static: StaticResult, parsed: bool, errors: Sequence[ParserError], plugins: Sequence[str]
 ) -> tuple[list[NodeReport], list[str]]:
-    """Node verdicts from the parser's result; the static table speaks only for nodes the parser never reached.
+    """Node verdicts from the parser's result; the static table speaks only for nodes the parser did not import.
 
-    TensorRT's parser imports nodes in order and stops importing at the first failure, so nodes
-    before it are supported, nodes with an error are unsupported with the parser's message, and
-    nodes after it keep the static check's verdict, marked as such.
+    onnx-tensorrt visits the nodes in topological order (for a valid ONNX graph, the order of its
+    node list) and static-checks every one of them, but imports a node only while no error has
+    been recorded: after the first error, in a network input or at a node, the remaining nodes are
+    static-checked and not imported. ``errors`` come in the order the parser recorded them. So
+    nodes with an error are unsupported with the parser's message, nodes before the first error
+    were imported and are supported, and the others passed the parser's static checks and keep the
+    static table's verdict, marked as such.
     """
     nodes = list(static.nodes)
     if parsed:
@@ -73,8 +97,15 @@ def merge_parser_result(
                 failed.setdefault(position, []).append(error.message)
         else:
             unplaced.append(error)
+    if errors and errors[0] in unplaced:
+        # Network inputs are imported before any node, so an error that names no node and comes first stopped them all.
+        imported_until, first_error = 0, f"outside any node: {errors[0].message}"
+    elif failed:
+        imported_until = min(failed)
+        first_error = f"at {nodes[imported_until].name}"
+    else:
+        imported_until, first_error = 0, "none was reported, but the parse failed"
 
-    first_failure = min(failed, default=len(nodes))
     declared = frozenset(plugins)
     merged = []
     for position, node in enumerate(nodes):
@@ -101,10 +132,13 @@ def merge_parser_result(
                     }
                 )
             )
-        elif position < first_failure:
+        elif position < imported_until:
             merged.append(node.model_copy(update={"status": "supported", "reason": "", "fix": ""}))
         else:
-            prefix = f"not imported: TensorRT's parser stops at the first failing node ({nodes[first_failure].name})"
+            prefix = (
+                "passed TensorRT's static checks, but its import is not confirmed: the parser imports nodes only until "
+                f"its first error ({first_error})"
+            )
             reason = f"{prefix}; static table: {node.reason}" if node.reason else f"{prefix}; the static table finds nothing"
             merged.append(node.model_copy(update={"reason": reason}))
     for error in unplaced:
@@ -118,8 +152,11 @@ def merge_parser_result(
             )
         )
     notes = []
-    if first_failure < len(nodes):
-        notes.append(f"nodes after {nodes[first_failure].name} were not imported by the parser; their verdicts come from the static table")
+    if imported_until < len(nodes):
+        notes.append(
+            f"TensorRT's parser static-checked every node but imported only those before its first error ({first_error}); "
+            "the verdicts of the others come from its static checks and the static table"
+        )
     return merged, notes
 
 

@@ -354,22 +354,30 @@ def if_branch_outputs(node, scope: Scope, schema, version: str):
 
 def runtime_weights(node, scope: Scope, schema, version: str, input: str):
     tensor = input_of(node, schema, input)
-    if tensor is None or scope.is_constant(tensor):
+    if tensor is None or scope.is_constant(tensor) or scope.is_dequantized_constant(tensor):
         return None
+    producer = scope.producers.get(tensor)
+    # Folding a DequantizeLinear's output into an initializer would remove the Q/DQ pair TensorRT quantizes by.
+    constant_fix = (
+        "keep the DequantizeLinear: quantize constant weights (an initializer into QuantizeLinear/DequantizeLinear, as "
+        "the convert stage does)"
+        if producer is not None and producer.op_type == "DequantizeLinear"
+        else FOLD_FIX
+    )
     shape = scope.shape(tensor)
     if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
         return Finding(
             "unsupported",
             f"weights '{input}' come from tensor '{tensor}' and their shape ({shape or 'unknown'}) is not static; "
             "TensorRT needs the output-channel and kernel dimensions when it builds the layer",
-            "give the weights a static shape, or " + FOLD_FIX,
+            "give the weights a static shape, or " + constant_fix,
         )
     return Finding(
         "conditional",
         f"weights '{input}' come from tensor '{tensor}', not an initializer: TensorRT {version} takes runtime "
         "weights of a static shape, but some 10.x parsers then also require the bias to be an initializer, and "
         "TensorRT 8.x refuses them",
-        "if the weights are fixed, " + FOLD_FIX + "; otherwise " + CONFIRM_FIX,
+        "if the weights are fixed, " + constant_fix + "; otherwise " + CONFIRM_FIX,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from trtforge.errors import StageError
 from trtforge.stages.check_ops.graph import default_opset
 from trtforge.stages.check_ops.loader import load_model
-from trtforge.stages.check_ops.parser import merge_parser_result, run_parser, tensorrt_importable
+from trtforge.stages.check_ops.parser import NOT_INSTALLED, merge_parser_result, parser_unavailable_reason, run_parser
 from trtforge.stages.check_ops.report import STAGE, CompatibilityReport, Source, summarize
 from trtforge.stages.check_ops.static import static_check
 from trtforge.stages.check_ops.table import load_table, version_key
@@ -22,32 +22,40 @@ def analyse(onnx_path: str, plugins: Sequence[str], tensorrt_version: str | None
     notes: list[str] = []
 
     parser_outcome = None
+    unavailable = None
     if use_tensorrt is not False:
-        if not tensorrt_importable():
-            if use_tensorrt:
-                raise StageError(
-                    STAGE,
-                    "TensorRT is not installed, so its parser cannot check the model; install TensorRT or check "
-                    "against the static table (use_tensorrt=False / `trtforge check` without TensorRT)",
-                )
-        else:
+        unavailable = parser_unavailable_reason()
+        if unavailable is None:
             try:
                 parser_outcome = run_parser(path)
+            except StageError as err:
+                unavailable = str(err).removeprefix(f"{STAGE}: ")
             except Exception as err:
-                if use_tensorrt:
-                    raise StageError(STAGE, f"TensorRT's parser could not start: {type(err).__name__}: {err}") from None
-                notes.append(f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err}); used the static table")
-            if parser_outcome is not None and tensorrt_version and use_tensorrt is None:
-                installed = parser_outcome[2]
-                if version_key(installed) != version_key(tensorrt_version):
-                    notes.append(
-                        f"TensorRT {installed} is installed but the target wants {tensorrt_version}; checked against "
-                        f"the static table for {tensorrt_version} instead of this parser"
-                    )
-                    parser_outcome = None
+                unavailable = f"TensorRT is installed but its parser could not start ({type(err).__name__}: {err})"
+        if unavailable is not None and use_tensorrt:
+            raise StageError(
+                STAGE,
+                f"{unavailable}, so its parser cannot check the model: run the check on a GPU worker with TensorRT "
+                "installed, or check against the static table (use_tensorrt=False)",
+            )
+        if unavailable not in (None, NOT_INSTALLED):
+            notes.append(f"{unavailable}; checked against the static table instead of TensorRT's parser")
+        if parser_outcome is not None and tensorrt_version and use_tensorrt is None:
+            installed = parser_outcome[2]
+            if version_key(installed) != version_key(tensorrt_version):
+                notes.append(
+                    f"TensorRT {installed} is installed but the target wants {tensorrt_version}; checked against "
+                    f"the static table for {tensorrt_version} instead of this parser"
+                )
+                parser_outcome = None
 
     if parser_outcome is None:
-        table, table_note = load_table(tensorrt_version)
+        try:
+            table, table_note = load_table(tensorrt_version)
+        except StageError as err:
+            if unavailable in (None, NOT_INSTALLED):
+                raise
+            raise StageError(STAGE, f"{unavailable}; and {str(err).removeprefix(f'{STAGE}: ')}") from None
         static = static_check(model, path.parent, table, plugins)
         nodes = static.nodes
         notes = static.notes + ([table_note] if table_note else []) + notes
@@ -59,7 +67,10 @@ def analyse(onnx_path: str, plugins: Sequence[str], tensorrt_version: str | None
             table, table_note = load_table(version)
         except StageError:
             table, _ = load_table(None)
-            table_note = f"trtforge has no operator table for TensorRT {version} or older; used {table.tensorrt_version}'s"
+            table_note = (
+                f"trtforge has no operator table for TensorRT {version}'s major version; the nodes the parser did not "
+                f"import were judged against TensorRT {table.tensorrt_version}'s table"
+            )
         static = static_check(model, path.parent, table, plugins)
         nodes, merge_notes = merge_parser_result(static, parsed, errors, plugins)
         source = "tensorrt-parser"
@@ -89,9 +100,15 @@ def check_ops(
 ) -> CompatibilityReport:
     """Check every node of ``onnx_path`` against TensorRT; never raises for unsupported nodes (see ``raise_if_unsupported``).
 
-    ``use_tensorrt``: None uses TensorRT's parser when ``tensorrt`` is importable (and matches
-    ``tensorrt_version``), else the static table; True requires the parser; False uses the table.
-    ``plugins`` are op domains or op types served by TensorRT plugins (the spec's ``plugins``).
+    ``use_tensorrt``: None uses TensorRT's parser where it can run (TensorRT installed, and a GPU:
+    creating a TensorRT builder needs one, so the parser runs on GPU workers) and is the release
+    ``tensorrt_version`` names, else the static table, with a note saying why; True requires the
+    parser; False uses the table. The table is the one ``table_version_for(tensorrt_version)``
+    picks: a TensorRT major version without a table is a ``StageError``. ``plugins`` are op
+    domains or op types served by TensorRT plugins (the spec's ``plugins``).
+
+    Check the graph the engine is built from: for a precision target, the converted ONNX (its
+    int8/fp8 Q/DQ or fp16/bf16 casts), not the fp32 export.
     """
     from trtforge.isolation import run_isolated
 
