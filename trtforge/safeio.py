@@ -55,11 +55,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from trtforge.errors import DataFileError, TrtforgeError
+from trtforge.onnxfacts import STANDARD_DOMAINS, all_nodes
 
 if TYPE_CHECKING:
     import numpy as np
-
-STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 # Element types narrower than a byte are stored packed; the others use their numpy item size.
 _PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
@@ -308,7 +307,7 @@ def _check_external(path: Path, folder: Path, tensor, where: str, expected: int)
 
 def _check_domains(path: Path, model, plugins: frozenset[str]) -> None:
     local_functions = {(function.domain, function.name) for function in model.functions}
-    for node, where in _nodes(model):
+    for node, where in all_nodes(model):
         domain = node.domain or ""
         if domain in STANDARD_DOMAINS or (domain, node.op_type) in local_functions:
             continue
@@ -320,24 +319,6 @@ def _check_domains(path: Path, model, plugins: frozenset[str]) -> None:
             f"need native plugin code: if your deployment provides it, add {domain!r} (or {node.op_type!r}) to "
             "the spec's 'plugins'"
         )
-
-
-def _nodes(model) -> Iterator[tuple[object, str]]:
-    yield from _graph_nodes(model.graph, "the main graph")
-    for function in model.functions:
-        yield from _graph_nodes(function, f"function {function.domain}::{function.name}")
-    for index, training in enumerate(model.training_info):
-        yield from _graph_nodes(training.initialization, f"training_info[{index}].initialization")
-        yield from _graph_nodes(training.algorithm, f"training_info[{index}].algorithm")
-
-
-def _graph_nodes(graph, where: str) -> Iterator[tuple[object, str]]:
-    for node in graph.node:
-        yield node, where
-        for attribute in node.attribute:
-            subgraphs = [attribute.g] if attribute.HasField("g") else []
-            for subgraph in [*subgraphs, *attribute.graphs]:
-                yield from _graph_nodes(subgraph, f"subgraph {attribute.name!r} of node {node.name or node.op_type!r}")
 
 
 # --------------------------------------------------------------------------- arrays

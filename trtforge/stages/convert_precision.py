@@ -22,7 +22,6 @@ import re
 import shutil
 import time
 import traceback
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.isolation import run_isolated
 from trtforge.numeric import NUMPY_DTYPES
-from trtforge.safeio import atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
+from trtforge.onnxfacts import PrecisionFacts, precision_facts
+from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 
 STAGE = "convert-precision"
@@ -44,11 +44,6 @@ RESULT_FILE = "result.json"
 # AutoCast only needs value ranges to decide which nodes overflow fp16/bf16: a few batches do.
 REFERENCE_BATCHES = 4
 DEFAULT_TIMEOUT_S = 3600.0
-QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
-# Nodes that carry no arithmetic of their own: they say nothing about where precision was spent.
-BOOKKEEPING_OP_TYPES = (*QDQ_OP_TYPES, "Cast", "Constant", "Identity")
-REDUCED_ELEM_TYPES = (10, 16, 17, 18, 19, 20)  # FLOAT16, BFLOAT16 and the FLOAT8 variants
-FLOAT32_ELEM_TYPE = 1
 METHOD_AS_IS = "as-is"
 METHOD_AUTOCAST = "autocast"
 
@@ -107,14 +102,14 @@ def convert_precision(
     model = load_onnx_safely(onnx_path, plugins=spec.plugins, load_external_data=False)
 
     if precision is Precision.FP32:
-        quantized, kept, qdq = precision_profile(model)
+        facts = precision_facts(model)
         return ConversionResult(
             onnx_path=onnx_path,
             precision=precision,
             method=METHOD_AS_IS,
-            qdq_node_count=qdq,
-            quantized_op_types=quantized,
-            kept_op_types=kept,
+            qdq_node_count=facts.qdq_nodes,
+            quantized_op_types=facts.reduced_op_types,
+            kept_op_types=facts.fp32_op_types,
             modelopt_version=None,
             calibration_samples=0,
             seconds=time.perf_counter() - started,
@@ -152,7 +147,7 @@ def convert_precision(
                 limit = REFERENCE_BATCHES if not precision.needs_calibration else None
                 _write_batches(calibration, model_inputs, plan, batch_dir, limit)
             destination = partial / MODEL_FILE
-            quantized, kept, qdq = run_isolated(
+            facts = run_isolated(
                 STAGE,
                 convert_file,
                 str(source),
@@ -160,6 +155,7 @@ def convert_precision(
                 precision.value,
                 str(batch_dir) if batch_dir else None,
                 options.model_dump(mode="json"),
+                list(spec.plugins),
                 timeout_s=timeout_s,
             )
             shutil.rmtree(work)
@@ -167,9 +163,9 @@ def convert_precision(
                 onnx_path=entry / MODEL_FILE,
                 precision=precision,
                 method=METHOD_AUTOCAST if precision in (Precision.FP16, Precision.BF16) else options.calibration_method,
-                qdq_node_count=qdq,
-                quantized_op_types=quantized,
-                kept_op_types=kept,
+                qdq_node_count=facts.qdq_nodes,
+                quantized_op_types=facts.reduced_op_types,
+                kept_op_types=facts.fp32_op_types,
                 modelopt_version=modelopt_version(),
                 calibration_samples=_used_samples(precision, plan),
                 seconds=time.perf_counter() - started,
@@ -189,37 +185,6 @@ def convert_precision(
 
 def modelopt_version() -> str:
     return importlib.metadata.version("nvidia-modelopt")
-
-
-def precision_profile(model) -> tuple[dict[str, int], dict[str, int], int]:
-    """Op types computed at reduced precision, op types kept at fp32 (node counts), and the Q/DQ node count.
-
-    A node computes at reduced precision when it reads a DequantizeLinear output (the Q/DQ
-    pattern TensorRT fuses into a quantized kernel) or produces fp16/bf16/fp8 values.
-    """
-    import onnx
-
-    typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    elem_types = {}
-    for value in (*typed.graph.input, *typed.graph.output, *typed.graph.value_info):
-        elem_types[value.name] = value.type.tensor_type.elem_type
-    for initializer in typed.graph.initializer:
-        elem_types[initializer.name] = initializer.data_type
-    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    quantized: Counter[str] = Counter()
-    kept: Counter[str] = Counter()
-    qdq = 0
-    for node in model.graph.node:
-        if node.op_type in QDQ_OP_TYPES:
-            qdq += 1
-        if node.op_type in BOOKKEEPING_OP_TYPES:
-            continue
-        output_types = {elem_types.get(name) for name in node.output}
-        if dequantized.intersection(node.input) or output_types.intersection(REDUCED_ELEM_TYPES):
-            quantized[node.op_type] += 1
-        elif FLOAT32_ELEM_TYPE in output_types:
-            kept[node.op_type] += 1
-    return dict(sorted(quantized.items())), dict(sorted(kept.items())), qdq
 
 
 def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[InputSpec], onnx_path: Path) -> BatchPlan:
@@ -283,9 +248,7 @@ def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[Input
     )
 
 
-def convert_file(
-    source: str, destination: str, precision: str, batch_dir: str | None, options: dict
-) -> tuple[dict[str, int], dict[str, int], int]:
+def convert_file(source: str, destination: str, precision: str, batch_dir: str | None, options: dict, plugins: list[str]) -> PrecisionFacts:
     """Runs in the child process: ModelOpt on ``source``, the result checked and written to ``destination``."""
     import onnx
 
@@ -324,8 +287,8 @@ def convert_file(
             raise RuntimeError("ModelOpt finished without writing a model")
         onnx.checker.check_model(destination, full_check=True)
     except Exception as err:
-        raise StageError(STAGE, _describe_failure(err, source, precision)) from None
-    return precision_profile(onnx.load(destination, load_external_data=False))
+        raise StageError(STAGE, _describe_failure(err, source, precision, plugins)) from None
+    return precision_facts(load_onnx_safely(Path(destination), plugins=plugins, load_external_data=False))
 
 
 def _batch_reader(batch_files: list[Path]):
@@ -352,9 +315,7 @@ def _batch_reader(batch_files: list[Path]):
     return NpzBatchReader()
 
 
-def _describe_failure(err: Exception, source: str, precision: str) -> str:
-    import onnx
-
+def _describe_failure(err: Exception, source: str, precision: str, plugins: list[str]) -> str:
     reason = str(err).strip() or "(no message)"
     detail = f"ModelOpt could not convert the model to {precision}: {type(err).__name__}: {reason}"
     # ModelOpt asserts without messages in places; the step of ModelOpt that failed is then the only clue.
@@ -364,8 +325,9 @@ def _describe_failure(err: Exception, source: str, precision: str) -> str:
         module = "modelopt/" + frame.filename.rsplit("/modelopt/", 1)[1]
         detail += f" (in {module}:{frame.lineno}, {frame.name})"
     try:
-        nodes = onnx.load(source, load_external_data=False).graph.node
-    except Exception:
+        # The staged copy of a model load_onnx_safely has read already.
+        nodes = load_onnx_safely(Path(source), plugins=plugins, load_external_data=False).graph.node
+    except OnnxModelError:
         return detail
     # Prefer the longest node name quoted in the reason: short names ('Add') often also occur as words.
     mentioned = sorted((n for n in nodes if n.name and n.name in reason), key=lambda n: len(n.name), reverse=True)
