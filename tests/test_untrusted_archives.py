@@ -277,7 +277,8 @@ def test_npz_whose_header_claims_more_than_it_holds_is_refused(digits_spec, tmp_
     forged = inside / "calib.npz"
     write_zip(forged, [("input.npy", header.getvalue() + bytes(64))], compression=zipfile.ZIP_STORED)
     with pytest.raises(
-        DataFileError, match=r"array 'input.npy' in calibration data .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only"
+        DataFileError,
+        match=r"array 'input.npy' in calibration data .* declares shape \(100000000000,\) of float32 \(400000000000 bytes\) but holds only",
     ):
         load_calibration(digits_spec, forged)
 
