@@ -12,7 +12,7 @@ DIGITS_DIR = REPO / "examples" / "digits"
 DIGITS_SPEC = DIGITS_DIR / "spec.yaml"
 
 # Fixture modules contributed by test areas (each owns its file).
-pytest_plugins: list[str] = ["tests.s3_server", "tests.model_zoo"]
+pytest_plugins: list[str] = ["tests.s3_server", "tests.model_zoo", "tests.flow_harness"]
 
 
 def tensorrt_skip_reason() -> str | None:

@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import DIGITS_DIR, DIGITS_SPEC
+from tests.conftest import DIGITS_SPEC
+from tests.flow_harness import run_flow, write_spec
 from trtforge.cli import app
 from trtforge.errors import RunFailed
 from trtforge.registry import open_registry
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def write_spec(folder: Path, checkpoint: Path, **changes) -> Path:
-    """A copy of the digits spec living in ``folder``, pointing back at the example's code and data."""
-    data = yaml.safe_load(DIGITS_SPEC.read_text())
-    data.update(
-        model=str(DIGITS_DIR / "digits_model.py") + ":build_model",
-        train=str(DIGITS_DIR / "digits_train.py") + ":train",
-        checkpoint=str(checkpoint),
-    )
-    data["eval"]["data"] = str(DIGITS_DIR / "eval.npz")
-    data["calibration"]["data"] = str((DIGITS_DIR / data["calibration"]["data"]).resolve())
-    data["targets"] = [t for t in data["targets"] if t["precision"] == "fp32"]
-    data.update(changes)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_flow(spec: Path, tmp_path: Path, **kwargs):
-    from trtforge.flows.retrain_to_engine import retrain_to_engine
-
-    return retrain_to_engine(
-        spec_path=str(spec), registry=f"file://{tmp_path / 'registry'}", artifacts_dir=str(tmp_path / "artifacts"), **kwargs
-    )
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
@@ -143,51 +111,6 @@ def test_given_checkpoint_is_used_and_cli_prints_json(tmp_path, digits_checkpoin
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert json.loads(again.stdout)["up_to_date"] is True
-
-
-@pytest.fixture()
-def served_build_target(tmp_path):
-    """flows/build_target.py served as deployment build-target/test-builders by a real `serve` process."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    from tests.conftest import REPO
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from trtforge.flows.build_target import build_target; build_target.serve(name='test-builders')"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with get_client(sync_client=True) as client:
-                try:
-                    deployment = client.read_deployment_by_name("build-target/test-builders")
-                    if getattr(deployment.status, "value", deployment.status) == "READY":
-                        break
-                except Exception:
-                    pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("serve did not become ready: " + (tmp_path / "serve.log").read_text()[-2000:])
-            time.sleep(1)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def test_target_with_a_work_pool_is_built_by_the_served_build_target_deployment(tmp_path, digits_checkpoint, served_build_target):

@@ -366,12 +366,9 @@ def register_target_model(model: type[Target]) -> type[Target]:
     global AnyTarget
     name = model.model_fields["backend"].default
     _TARGET_MODELS[name] = model
-    known = ", ".join(repr(n) for n in sorted(_TARGET_MODELS))
     members = tuple(Annotated[m, Tag(n)] for n, m in _TARGET_MODELS.items())
-    AnyTarget = Annotated[
-        Union[members] if len(members) > 1 else members[0],  # noqa: UP007 - a Union built from a tuple at run time
-        Discriminator(_backend_of, custom_error_type="unknown_backend", custom_error_message=f"backend must be one of {known}"),
-    ]
+    # Union over a tuple built at run time; with one member there is nothing to discriminate.
+    AnyTarget = Annotated[Union[members], Discriminator(_backend_of)] if len(members) > 1 else members[0]  # noqa: UP007
     # The field's annotation was resolved when ModelSpec was created: set it anew, then rebuild.
     ModelSpec.model_fields["targets"].annotation = list[AnyTarget]
     ModelSpec.model_rebuild(force=True)
@@ -511,6 +508,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for problem in err.errors():
         loc = [p for p in problem["loc"] if p not in ("function-after", "function-before")]
         message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "union_tag_invalid" and loc and loc[0] == "targets":
+            known = ", ".join(repr(n) for n in sorted(_TARGET_MODELS))
+            message = f"backend {problem['ctx']['tag']!r} is not known here; the backends are {known}"
         if len(loc) >= 3 and loc[0] == "targets" and isinstance(loc[1], int) and loc[2] in _TARGET_MODELS:
             backend = loc.pop(2)
             if problem["type"] == "extra_forbidden":

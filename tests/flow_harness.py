@@ -1,0 +1,91 @@
+"""The flow tests' harness: a temporary Prefect API per test module, a served build-target
+deployment, and the digits spec copied with changes. Registered in tests/conftest.py; modules
+that run flows use it with ``pytestmark = pytest.mark.usefixtures("prefect_api")``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DIGITS_DIR, DIGITS_SPEC
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_spec(folder: Path, checkpoint: Path, **changes) -> Path:
+    """A copy of the digits spec living in ``folder``, pointing back at the example's code and data."""
+    data = yaml.safe_load(DIGITS_SPEC.read_text())
+    data.update(
+        model=str(DIGITS_DIR / "digits_model.py") + ":build_model",
+        train=str(DIGITS_DIR / "digits_train.py") + ":train",
+        checkpoint=str(checkpoint),
+    )
+    data["eval"]["data"] = str(DIGITS_DIR / "eval.npz")
+    data["calibration"]["data"] = str((DIGITS_DIR / data["calibration"]["data"]).resolve())
+    data["targets"] = [t for t in data["targets"] if t["precision"] == "fp32"]
+    data.update(changes)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_flow(spec: Path, tmp_path: Path, **kwargs):
+    from trtforge.flows.retrain_to_engine import retrain_to_engine
+
+    return retrain_to_engine(
+        spec_path=str(spec), registry=f"file://{tmp_path / 'registry'}", artifacts_dir=str(tmp_path / "artifacts"), **kwargs
+    )
+
+
+@pytest.fixture()
+def served_build_target(tmp_path):
+    """flows/build_target.py served as deployment build-target/test-builders by a real `serve` process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from trtforge.flows.build_target import build_target; build_target.serve(name='test-builders')"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("build-target/test-builders")
+                    if getattr(deployment.status, "value", deployment.status) == "READY":
+                        break
+                except Exception:
+                    pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("serve did not become ready: " + (tmp_path / "serve.log").read_text()[-2000:])
+            time.sleep(1)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
