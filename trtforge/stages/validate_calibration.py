@@ -342,7 +342,7 @@ def build_checks(
             "Every image file can be read.",
             lambda r: (
                 f"{r['unexpected_count']} image file(s) cannot be read: "
-                + "; ".join(f"{n} ({calibration.unreadable.get(n, '?')})" for n in _listed(_samples(r)))
+                + "; ".join(_listed([f"{n} ({calibration.unreadable.get(n, '?')})" for n in _samples(r)]))
                 + ". Replace or delete them",
                 _samples(r),
             ),
@@ -359,7 +359,7 @@ def build_checks(
         lambda r: (
             f"{r['unexpected_count']} samples repeat an earlier sample ({r['unexpected_percent']:.1f}% of the set, "
             f"allowed {duplicate_limit:.1%} by calibration.max_duplicate_ratio): "
-            + ", ".join(f"{name} = {first}" for name, first in _listed(_duplicate_pairs(table, _samples(r))))
+            + ", ".join(_listed([f"{name} = {first}" for name, first in _duplicate_pairs(table, _samples(r))]))
             + "; remove the repeats or draw more distinct samples",
             _samples(r),
         ),
