@@ -8,6 +8,7 @@ The records below have the shapes the backends write (the TensorRT build record 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,3 +160,83 @@ def test_arch_auto_picks_the_engine_built_for_this_gpu(tmp_path):
     pulled = registry.pull(MODEL, tmp_path / "deploy", arch="auto", cache_dir=tmp_path / "cache")
     assert (pulled.tag, pulled.build["arch"]) == (trt_tag(local, "fp16"), local)
     assert Path(pulled.path).read_bytes() == f"plan for {trt_tag(local, 'fp16')}".encode()
+
+
+# --- the local pull cache ------------------------------------------------------------------------
+
+
+def cache_blob(cache: Path, data: bytes) -> Path:
+    digest = hashlib.sha256(data).hexdigest()
+    return cache / "blobs" / "sha256" / digest[:2] / digest
+
+
+def published_plan(tmp_path: Path, plan: bytes):
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    tag, record = ORT_CPU
+    registry.publish(MODEL, [make_target(tmp_path / "target", plan, tag=tag, record=record)], lineage=lineage(), environment=ENVIRONMENT)
+    return registry
+
+
+def test_editing_a_pulled_engine_leaves_the_cache_intact(tmp_path):
+    plan = b"plan bytes " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    first = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    pulled = Path(first.path)
+    assert not os.path.samefile(pulled, cache_blob(cache, plan))
+
+    # Same size, other bytes: a size-only check cannot tell.
+    pulled.write_bytes(plan.replace(b"plan", b"PLAN"))
+    assert cache_blob(cache, plan).read_bytes() == plan
+
+    again = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    assert again.cached
+    assert Path(again.path).read_bytes() == plan
+
+
+def test_a_corrupted_cache_blob_is_detected_and_downloaded_again(tmp_path):
+    plan = b"engine plan " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    blob = cache_blob(cache, plan)
+    stat = blob.stat()
+    blob.chmod(0o644)
+    blob.write_bytes(plan.replace(b"engine", b"ENGINE"))
+    # Put the mtime back too: the changed ctime (and the hash) still give the edit away.
+    os.utime(blob, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    again = registry.pull(MODEL, tmp_path / "elsewhere", cache_dir=cache)
+    assert not next(f for f in again.files if f.name == "engine").cached
+    assert Path(again.path).read_bytes() == plan
+    assert blob.read_bytes() == plan
+
+    third = registry.pull(MODEL, tmp_path / "third", cache_dir=cache)
+    assert third.cached and Path(third.path).read_bytes() == plan
+
+
+def test_a_cache_without_verification_records_is_hashed_once_then_trusted(tmp_path):
+    plan = b"older cache " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    for record in (cache / "blobs").rglob("*.verified"):
+        record.unlink()
+
+    again = registry.pull(MODEL, tmp_path / "again", cache_dir=cache)
+    assert again.cached and Path(again.path).read_bytes() == plan
+    assert list((cache / "blobs").rglob("*.verified"))
+
+
+def test_a_garbled_verification_record_means_hashing_not_trusting(tmp_path):
+    plan = b"record test " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    blob = cache_blob(cache, plan)
+    blob.with_name(blob.name + ".verified").write_text("{not json")
+    blob.chmod(0o644)
+    blob.write_bytes(b"x" * len(plan))
+
+    again = registry.pull(MODEL, tmp_path / "again", cache_dir=cache)
+    assert Path(again.path).read_bytes() == plan

@@ -7,20 +7,26 @@ TensorRT is installed, engines it cannot deserialize (built by another TensorRT 
 not version-compatible) are refused by name.
 
 Fetching: every file is downloaded into a local cache keyed by SHA-256, checked against the
-manifest there, and only then linked (or copied) into the destination through a temp file
-and a rename (``trtforge.safeio``), so a corrupted object never reaches the destination and a repeated pull
-downloads nothing.
+manifest there, and only then copied (a reflink where the filesystem has them) into the
+destination through a temp file and a rename (``trtforge.safeio``), so a corrupted object never
+reaches the destination and a repeated pull downloads nothing. The destination is never a link
+to the cache: editing a pulled file leaves the cache as it was. A cache hit is trusted only
+while the blob's (inode, size, mtime, ctime) are those recorded when its SHA-256 last matched;
+any change to the blob, even one that keeps its size, makes the next pull hash it again and
+download it anew if it no longer matches.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -29,7 +35,7 @@ from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
 from trtforge.registry.storage import ObjectStore
-from trtforge.safeio import atomic_link, atomic_output
+from trtforge.safeio import atomic_output, atomic_write_json, atomic_writer
 
 CACHE_ENV = "TRTFORGE_CACHE_DIR"
 _ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
@@ -224,7 +230,12 @@ def default_cache_dir() -> Path:
 
 
 class BlobCache:
-    """Verified files by SHA-256, read-only; written only after their checksum matched a manifest."""
+    """Verified files by SHA-256, read-only; written only after their checksum matched a manifest.
+
+    Beside each blob, ``<sha256>.verified`` records the blob's stat at the moment its SHA-256
+    was last checked; a lookup that finds the same stat skips re-hashing, any other stat (the
+    blob was edited, replaced, truncated or touched) hashes it again.
+    """
 
     def __init__(self, root: Path):
         self.root = root / "blobs" / "sha256"
@@ -232,12 +243,24 @@ class BlobCache:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
+    def record_path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.verified"
+
     def lookup(self, entry: FileEntry) -> Path | None:
+        """The cached blob of ``entry`` if it still holds the manifest's bytes, else None (download it)."""
         path = self.path(entry.sha256)
         try:
-            return path if path.stat().st_size == entry.size else None
+            stat = path.stat()
         except FileNotFoundError:
             return None
+        if stat.st_size != entry.size:
+            return None
+        if self._recorded(entry.sha256) == _stat_record(stat):
+            return path
+        if sha256_file(path) != entry.sha256:
+            return None
+        self._record(entry.sha256, path)
+        return path
 
     def fetch(self, store: ObjectStore, key: str, entry: FileEntry) -> Path:
         blob = self.path(entry.sha256)
@@ -258,12 +281,76 @@ class BlobCache:
                     "another version"
                 )
             incoming.chmod(0o444)
+        self._record(entry.sha256, blob)
         return blob
+
+    def _recorded(self, sha256: str) -> dict[str, int] | None:
+        try:
+            recorded = json.loads(self.record_path(sha256).read_text())
+        except (OSError, ValueError):
+            return None
+        return recorded if isinstance(recorded, dict) else None
+
+    def _record(self, sha256: str, blob: Path) -> None:
+        # Taken after the rename into place: a rename can change the blob's ctime.
+        try:
+            atomic_write_json(self.record_path(sha256), _stat_record(blob.stat()), indent=None)
+        except OSError:
+            # A read-only cache still serves verified blobs; each hit is then hashed in full.
+            pass
+
+
+def _stat_record(stat: os.stat_result) -> dict[str, int]:
+    # ctime cannot be set back by a user the way mtime can (touch -d), so an edit that restores
+    # the mtime still shows.
+    return {"inode": stat.st_ino, "device": stat.st_dev, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+# linux/fs.h: FICLONE = _IOW(0x94, 9, int), share the source's extents (btrfs, XFS, bcachefs).
+_FICLONE = 0x40049409
+_COPY_BLOCK = 16 << 20
 
 
 def place(blob: Path, dest: Path) -> None:
-    """Put a cached file at ``dest`` atomically: a hard link where the filesystem allows, else a copy."""
-    atomic_link(blob, dest)
+    """Put a copy of a cached file at ``dest`` atomically: a reflink where the filesystem has them,
+    else an in-kernel copy. Never a hard link: an edit of the pulled file would edit the cache."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(blob, "rb") as source, atomic_writer(dest) as handle:
+        if not _reflink(source, handle):
+            _copy_into(source, handle)
+
+
+def _reflink(source: BinaryIO, handle: BinaryIO) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.ioctl(handle.fileno(), _FICLONE, source.fileno())
+    except OSError:
+        return False
+    return True
+
+
+def _copy_into(source: BinaryIO, handle: BinaryIO) -> None:
+    size = os.fstat(source.fileno()).st_size
+    copy_range = getattr(os, "copy_file_range", None)
+    copied = 0
+    try:
+        while copy_range is not None and copied < size:
+            step = copy_range(source.fileno(), handle.fileno(), size - copied, copied, copied)
+            if step == 0:
+                raise RegistryError(f"the cached file {source.name} shrank while it was copied to {handle.name}; pull again")
+            copied += step
+    except OSError:
+        # No copy_file_range between these filesystems (or on this kernel): copy through user space.
+        copied = 0
+    if copied == size:
+        return
+    source.seek(0)
+    handle.seek(0)
+    handle.truncate()
+    shutil.copyfileobj(source, handle, _COPY_BLOCK)
 
 
 class PulledFile(BaseModel):
