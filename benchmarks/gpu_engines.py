@@ -30,13 +30,17 @@ CALIBRATION_SAMPLES = 64
 EXPORT_TOLERANCE = 1e-2
 
 
-def preflight() -> str:
-    """The local GPU's arch, or exit with every reason this machine cannot run the benchmark."""
-    from trtforge.backends.tensorrt import probe_tensorrt
-    from trtforge.gpu import detect_gpus
+def preflight():
+    """The GPU to benchmark on (the first one CUDA can see in this process, which is the one torch
+    uses as cuda:0), or exit with every reason this machine cannot run the benchmark."""
+    from trtforge.backends.tensorrt import probe_tensorrt, usable_gpus
+    from trtforge.gpu import probe_cuda_runtime
 
     problems = []
-    gpus = detect_gpus()
+    cuda = probe_cuda_runtime()
+    if not cuda.usable:
+        problems.append(cuda.reason)
+    gpus = usable_gpus(cuda)
     if not gpus.available:
         problems.append(gpus.reason)
     probe = probe_tensorrt()
@@ -54,7 +58,7 @@ def preflight() -> str:
             "benchmarks/gpu_engines.py needs an NVIDIA GPU with TensorRT and CUDA-enabled torch; on this machine:\n  - "
             + "\n  - ".join(problems)
         )
-    return gpus.gpus[0].compute_capability
+    return min(gpus.gpus, key=lambda gpu: gpu.cuda_device)
 
 
 def make_spec(name: str, factory: str, checkpoint: Path, batch: int, arch: str):
@@ -133,9 +137,9 @@ def bench_model(name: str, factory: str, arch: str, args) -> list[dict]:
     print(f"[{name}] exporting", flush=True)
     onnx_path = export_onnx(spec, spec.checkpoint, work).onnx_path
     backend = get_backend("tensorrt")
-    cache = args.work / "timing-caches" / f"trt{backend.runtime_version()}-{arch}.cache"
     rows = []
     for target in spec.targets:
+        cache = args.work / "timing-caches" / f"{backend.timing_cache_key(target)}.cache"
         precision = target.precision.value
         print(f"[{name}] {precision}: converting and building", flush=True)
         converted = convert(spec, onnx_path, target.precision, work)
@@ -198,20 +202,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--batch and --runs must be >= 1, --warmup >= 0")
 
-    arch = preflight()
+    gpu = preflight()
+    arch = gpu.compute_capability
+    import torch
+
     from trtforge.backends.tensorrt import probe_tensorrt
     from trtforge.gpu import detect_gpus
 
-    local = detect_gpus()
+    # PyTorch on the GPU the engines are built and timed on (the build picks the first visible GPU of its arch).
+    torch.cuda.set_device(gpu.cuda_device)
+
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, MODELS[name], arch, args))
-    print_table(rows, f"{local.gpus[0].name} ({arch})")
+    print_table(rows, f"{gpu.name} ({arch}, {gpu.pci_bus_id})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "gpu": local.gpus[0].name,
+        "gpu": gpu.name,
+        "pci_bus_id": gpu.pci_bus_id,
         "arch": arch,
-        "driver": local.driver_version,
+        "driver": detect_gpus().driver_version,
         "tensorrt": probe_tensorrt().version,
         "batch": args.batch,
         "runs": args.runs,

@@ -2,7 +2,7 @@
 
 from trtforge.backends.base import Availability
 from trtforge.backends.onnxruntime import OnnxRuntimeTarget
-from trtforge.backends.tensorrt import TensorRTTarget, timing_cache_key
+from trtforge.backends.tensorrt import GpuInfo, TensorRTTarget, timing_cache_key
 from trtforge.routing import RouteKind, route_target
 
 TRT_SM90 = TensorRTTarget(arch="sm_90", precision="fp16", required=False)
@@ -50,11 +50,11 @@ def test_cpu_backend_without_pool_that_cannot_run_says_why():
     assert route.kind is RouteKind.UNAVAILABLE and route.reason == "onnxruntime CPU has no bf16 kernels"
 
 
-def test_timing_cache_is_shared_per_tensorrt_minor_version_and_arch(tmp_path):
+def test_timing_cache_is_shared_per_tensorrt_version_and_gpu_model(tmp_path):
     from trtforge.registry import open_registry
 
-    key = timing_cache_key("11.4.0.12", TensorRTTarget(arch="sm_90"))
-    assert key == "trt11.4-sm90"
+    key = timing_cache_key("11.4.0.12", GpuInfo(0, "NVIDIA H200", "sm_90", 143771, "00000000:18:00.0", "GPU-0"))
+    assert key == "trt11.4.0.12-sm90-nvidia-h200"
     registry = open_registry(f"file://{tmp_path}")
     assert registry.get_timing_cache(key) is None
     registry.put_timing_cache(key, b"tactics")

@@ -29,6 +29,7 @@ from trtforge.backends.tensorrt import (
     ENGINE_FILE,
     LAYERS_FILE,
     RECORD_FILE,
+    PluginLibrary,
     TensorRTBuildRecord,
     TensorRTBuildSettings,
     TensorRTProbe,
@@ -36,19 +37,22 @@ from trtforge.backends.tensorrt import (
     availability_for,
     build_settings,
     check_onnx_precision,
+    plugin_libraries,
     probe_tensorrt,
     select_gpu,
-    time_on_stream,
+    timing_cache_key,
 )
 from trtforge.errors import SpecError, StageError, TrtforgeError
-from trtforge.gpu import GpuInfo, LocalGpus, detect_gpus
+from trtforge.gpu import CUDA_RUNTIME_HINT, CudaRuntimeProbe, GpuInfo, LocalGpus, detect_gpus
 from trtforge.profiles import ShapeProfile, derive_profiles
+from trtforge.registry.names import check_cache_key
 from trtforge.spec import GPU_ARCHS, Precision, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
 NO_TENSORRT = TensorRTProbe(None, "TensorRT is not installed on this worker: install it")
 TENSORRT_11 = TensorRTProbe("11.4.0.106")
+CUDA_13 = CudaRuntimeProbe("/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcudart.so.13", "13.0")
 NO_GPU = LocalGpus(reason="no NVIDIA GPU: the NVIDIA driver's NVML library (libnvidia-ml.so.1) is not on this machine")
 
 
@@ -252,6 +256,9 @@ def test_build_record_schema_holds_what_a_build_must_record(digits_spec):
         "layer_count",
         "timing_cache",
         "tag",
+        "pci_bus_id",
+        "cuda_runtime_version",
+        "plugin_libraries",
     ):
         assert key in schema["required"], key
     settings_schema = schema["$defs"]["TensorRTBuildSettings"]
@@ -277,10 +284,13 @@ def test_build_record_schema_holds_what_a_build_must_record(digits_spec):
         tensorrt_version="11.4.0.106",
         gpu_name="NVIDIA H100 80GB HBM3",
         compute_capability="sm_90",
+        pci_bus_id="00000000:18:00.0",
+        cuda_runtime_version="13.0",
         driver_version="580.159.04",
         cuda_driver_version="13.0",
         settings=build_settings(spec, target),
         timing_cache=None,
+        plugin_libraries=[PluginLibrary(path="/opt/plugins/libroi_align.so", sha256="1" * 64)],
         onnx_file="model.onnx",
         onnx_sha256="0" * 64,
         engine_file=ENGINE_FILE,
@@ -339,32 +349,68 @@ def test_missing_polygraphy_is_reported(monkeypatch):
 
 def test_availability_answers_for_each_worker():
     target = trt_target(arch="sm_90")
-    both_missing = availability_for(target, NO_TENSORRT, NO_GPU)
+    both_missing = availability_for(target, NO_TENSORRT, NO_GPU, CUDA_13)
     assert not both_missing.available
     assert both_missing.reason == f"{NO_TENSORRT.reason}; {NO_GPU.reason}: run this target on a worker of pool gpu-sm90"
 
     ampere = gpus(gpu("NVIDIA A100-SXM4-80GB", "sm_80"))
-    wrong_gpu = availability_for(target, TENSORRT_11, ampere)
+    wrong_gpu = availability_for(target, TENSORRT_11, ampere, CUDA_13)
     assert not wrong_gpu.available
     assert wrong_gpu.reason == (
         "this worker's GPUs are NVIDIA A100-SXM4-80GB (sm_80) but the target needs sm_90: run it on a worker of pool "
         "gpu-sm90, or set hardware_compatibility: ampere_plus to build it on any Ampere or newer GPU"
     )
-    assert availability_for(target.model_copy(update={"work_pool": "h100-nodes"}), TENSORRT_11, ampere).reason.count("pool h100-nodes") == 1
+    assert (
+        availability_for(target.model_copy(update={"work_pool": "h100-nodes"}), TENSORRT_11, ampere, CUDA_13).reason.count(
+            "pool h100-nodes"
+        )
+        == 1
+    )
 
     mixed = gpus(gpu("NVIDIA A100-SXM4-80GB", "sm_80", 0), gpu("NVIDIA H100 80GB HBM3", "sm_90", 1))
-    assert availability_for(target, TENSORRT_11, mixed).available
+    assert availability_for(target, TENSORRT_11, mixed, CUDA_13).available
     assert select_gpu(target, mixed) == mixed.gpus[1]
 
     portable = trt_target(arch="sm_90", hardware_compatibility="ampere_plus")
-    assert availability_for(portable, TENSORRT_11, ampere).available
+    assert availability_for(portable, TENSORRT_11, ampere, CUDA_13).available
     assert select_gpu(portable, ampere) == ampere.gpus[0]
     turing = gpus(gpu("Tesla T4", "sm_75"))
-    assert not availability_for(portable, TENSORRT_11, turing).available
-    assert "ampere_plus" not in availability_for(target, TENSORRT_11, turing).reason
+    assert not availability_for(portable, TENSORRT_11, turing, CUDA_13).available
+    assert "ampere_plus" not in availability_for(target, TENSORRT_11, turing, CUDA_13).reason
 
-    cpu = availability_for(OnnxRuntimeTarget(), TENSORRT_11, mixed)
+    cpu = availability_for(OnnxRuntimeTarget(), TENSORRT_11, mixed, CUDA_13)
     assert not cpu.available and "not 'tensorrt'" in cpu.reason
+
+
+def test_missing_cuda_runtime_is_a_reason_with_the_fix():
+    no_cudart = CudaRuntimeProbe(
+        None, reason=f"no CUDA runtime (libcudart.so.13 or .12) loads in this process; tried libcudart.so.13: {CUDA_RUNTIME_HINT}"
+    )
+    answer = availability_for(trt_target(), TENSORRT_11, gpus(gpu("NVIDIA H200", "sm_90")), no_cudart)
+    assert not answer.available
+    assert answer.reason == no_cudart.reason
+    assert "pip install nvidia-cuda-runtime" in answer.reason and "LD_LIBRARY_PATH" in answer.reason
+
+
+def test_gpus_hidden_from_cuda_are_named_when_none_visible_fits():
+    # As cuda_visible leaves it on a worker pinned to its A100 (CUDA_VISIBLE_DEVICES=1) whose H100 is GPU 0.
+    pinned = LocalGpus(
+        (gpu("NVIDIA A100-SXM4-80GB", "sm_80", 1),),
+        "580.159.04",
+        "13.0",
+        reason="hidden from CUDA in this process (CUDA_VISIBLE_DEVICES=1): GPU 0 NVIDIA H100 80GB HBM3 (00000000:18:00.0)",
+    )
+    answer = availability_for(trt_target(), TENSORRT_11, pinned, CUDA_13)
+    assert not answer.available
+    assert "NVIDIA A100-SXM4-80GB (sm_80) (hidden from CUDA in this process (CUDA_VISIBLE_DEVICES=1): GPU 0 NVIDIA H100" in answer.reason
+
+
+def test_timing_cache_key_is_the_exact_tensorrt_version_and_the_gpu_model():
+    h200, h100 = gpu("NVIDIA H200", "sm_90"), gpu("NVIDIA H100 80GB HBM3", "sm_90")
+    assert timing_cache_key("11.4.0.106", h200) == "trt11.4.0.106-sm90-nvidia-h200"
+    assert timing_cache_key("11.4.0.106", h100) == "trt11.4.0.106-sm90-nvidia-h100-80gb-hbm3"
+    assert timing_cache_key("11.4.1.2", h200) != timing_cache_key("11.4.0.106", h200)
+    check_cache_key(timing_cache_key("10.16.0.72", gpu("NVIDIA RTX PRO 6000 Blackwell Server Edition", "sm_120")))
 
 
 # --- refusals that need no GPU ---------------------------------------------------------------------
@@ -477,6 +523,8 @@ def test_runner_refuses_a_missing_engine_and_a_missing_lean_runtime(tmp_path, mo
 
 
 def test_latency_measurement_refuses_zero_runs():
+    from trtforge.backends.tensorrt import time_on_stream
+
     with pytest.raises(TrtforgeError, match="runs >= 1"):
         time_on_stream(lambda: None, 0, runs=0)
 
@@ -513,45 +561,6 @@ def test_prefect_yaml_has_one_build_target_deployment_per_gpu_pool():
         "sm_100",
         "sm_120",
     }
-
-
-# --- on a GPU: CUDA-event timing (needs the CUDA runtime, not TensorRT) ----------------------------
-
-
-def _cuda_runtime_loads() -> bool:
-    if not detect_gpus().available:
-        return False
-    try:
-        from polygraphy import cuda
-
-        cuda.wrapper()
-    except Exception:  # polygraphy raises its own exception type when libcudart is absent
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _cuda_runtime_loads(), reason="needs an NVIDIA GPU and the CUDA runtime (libcudart)")
-def test_cuda_event_latency_grows_with_the_work():
-    from polygraphy import cuda
-
-    stream = cuda.Stream()
-    small_bytes, large_bytes = 1 << 20, 256 << 20
-    source, target = cuda.DeviceArray.raw((large_bytes,)), cuda.DeviceArray.raw((large_bytes,))
-    try:
-
-        def copy(nbytes):
-            return lambda: cuda.wrapper().memcpy(target.ptr, source.ptr, nbytes, cuda.MemcpyKind.DeviceToDevice, stream.ptr)
-
-        small = time_on_stream(copy(small_bytes), stream.ptr, runs=50, warmup=5)
-        large = time_on_stream(copy(large_bytes), stream.ptr, runs=50, warmup=5)
-    finally:
-        source.free()
-        target.free()
-        stream.free()
-    for stats in (small, large):
-        assert 0 < stats.min_ms <= stats.median_ms <= stats.p99_ms
-        assert stats.runs == 50 and stats.warmup == 5
-    assert large.median_ms > 4 * small.median_ms
 
 
 # --- on a GPU with TensorRT -------------------------------------------------------------------------
@@ -717,3 +726,29 @@ def test_version_compatible_engine_runs_on_the_lean_runtime(digits_spec, digits_
     assert done.returncode == 0, done.stderr
     expected = ort.InferenceSession(str(digits_onnx), providers=["CPUExecutionProvider"]).run(["logits"], {"input": feeds})[0]
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_plugin_libraries_are_the_spec_plugins_that_name_a_library(digits_spec, tmp_path):
+    library = tmp_path / "plugins" / "libroi_align.so.1"
+    library.parent.mkdir()
+    library.write_bytes(b"\x7fELF plugin")
+    spec = digits_spec.model_copy(update={"plugins": ["com.example.vision", "RoiAlign", str(library)], "source": tmp_path / "spec.yaml"})
+    assert plugin_libraries(spec) == [library.resolve()]
+    relative = spec.model_copy(update={"plugins": ["plugins/libroi_align.so.1"]})
+    assert plugin_libraries(relative) == [library.resolve()]
+    missing = spec.model_copy(update={"plugins": ["plugins/libmissing.so"]})
+    with pytest.raises(SpecError, match=r"plugins names the library 'plugins/libmissing\.so', but .*libmissing\.so is not a file"):
+        plugin_libraries(missing)
+
+
+def test_runner_refuses_a_plugin_library_that_differs_from_the_build(tmp_path):
+    library = tmp_path / "libroi_align.so"
+    library.write_bytes(b"the library the engine was built with")
+    engine = tmp_path / ENGINE_FILE
+    engine.write_bytes(b"plan")
+    recorded = {"plugin_libraries": [{"path": str(library), "sha256": "0" * 64}], "pci_bus_id": "00000000:18:00.0"}
+    (tmp_path / RECORD_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(
+        StageError, match=r"built with the plugin library .*libroi_align\.so \(sha256 0{64}\), which is missing or different"
+    ):
+        get_backend("tensorrt").load_runner(engine)

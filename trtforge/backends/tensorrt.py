@@ -18,6 +18,7 @@ import ctypes
 import importlib
 import importlib.util
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend, target_tag
 from trtforge.errors import SpecError, StageError, TrtforgeError
-from trtforge.gpu import GpuInfo, LocalGpus, capability_from_arch, detect_gpus
+from trtforge.gpu import (
+    CudaError,
+    CudaRuntimeProbe,
+    DeviceBuffer,
+    GpuInfo,
+    LocalGpus,
+    capability_from_arch,
+    cuda_runtime,
+    cuda_visible,
+    detect_gpus,
+    probe_cuda_runtime,
+)
 from trtforge.hashing import sha256_file
 from trtforge.onnxfacts import precision_facts
 from trtforge.profiles import ShapeProfile, derive_profiles
@@ -112,9 +124,14 @@ class TensorRTTarget(Target):
         return self.work_pool or f"gpu-{self.place}"
 
 
-def timing_cache_key(tensorrt_version: str, target: TensorRTTarget) -> str:
-    """One shared cache per (TensorRT major.minor, compute capability): tactics differ across both."""
-    return f"trt{'.'.join(tensorrt_version.split('.')[:2])}-{target.place}"
+def timing_cache_key(tensorrt_version: str, gpu: GpuInfo) -> str:
+    """One shared cache per (exact TensorRT version, GPU model, compute capability).
+
+    ``ITimingCache.combine`` skips a cache written by any other TensorRT version, and
+    ``set_timing_cache`` refuses one whose CUDA device properties differ (another GPU model of the
+    same compute capability), so a coarser key would only share caches that cannot be used."""
+    model = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-")
+    return f"trt{tensorrt_version}-{gpu.compute_capability.replace('_', '')}-{model}"
 
 
 def _major(arch: str) -> int:
@@ -132,14 +149,28 @@ def select_gpu(target: Target, gpus: LocalGpus) -> GpuInfo | None:
     return None
 
 
-def availability_for(target: Target, tensorrt: TensorRTProbe, gpus: LocalGpus) -> Availability:
-    """Whether a process with this TensorRT and these GPUs can build and run ``target``, and if not,
-    every reason why, each with what to do about it."""
+def usable_gpus(cuda: CudaRuntimeProbe) -> LocalGpus:
+    """The GPUs this process can build on: NVML's list narrowed to those CUDA can see here."""
+    local = detect_gpus()
+    if not cuda.usable or not local.available:
+        return local
+    try:
+        return cuda_visible(local, cuda_runtime())
+    except CudaError as err:
+        # NVML sees GPUs that this CUDA runtime cannot use (a driver older than the runtime, say).
+        return LocalGpus(driver_version=local.driver_version, cuda_driver_version=local.cuda_driver_version, reason=str(err))
+
+
+def availability_for(target: Target, tensorrt: TensorRTProbe, gpus: LocalGpus, cuda: CudaRuntimeProbe) -> Availability:
+    """Whether a process with this TensorRT, CUDA runtime and these (CUDA-visible) GPUs can build and
+    run ``target``, and if not, every reason why, each with what to do about it."""
     if not isinstance(target, TensorRTTarget):
         return Availability(False, f"target backend is {target.backend!r}, not 'tensorrt'")
     reasons = []
     if not tensorrt.usable:
         reasons.append(tensorrt.reason)
+    if not cuda.usable:
+        reasons.append(cuda.reason)
     if not gpus.available:
         reasons.append(f"{gpus.reason}: run this target on a worker of pool {target.pool}")
     elif select_gpu(target, gpus) is None:
@@ -148,7 +179,8 @@ def availability_for(target: Target, tensorrt: TensorRTProbe, gpus: LocalGpus) -
         if target.hardware_compatibility != "ampere_plus" and _major(target.arch) >= 8:
             if any(_major(gpu.compute_capability) >= 8 for gpu in gpus.gpus):
                 hint += ", or set hardware_compatibility: ampere_plus to build it on any Ampere or newer GPU"
-        reasons.append(f"this worker's GPUs are {local} but the target needs {target.arch}: {hint}")
+        hidden = f" ({gpus.reason})" if gpus.reason else ""
+        reasons.append(f"this worker's GPUs are {local}{hidden} but the target needs {target.arch}: {hint}")
     if reasons:
         return Availability(False, "; ".join(reasons))
     return Availability(True)
@@ -221,6 +253,15 @@ class TimingCacheUse(BaseModel):
     saved_bytes: int
 
 
+class PluginLibrary(BaseModel):
+    """A TensorRT plugin library loaded for the build (and needed by every runtime of the engine)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    sha256: str
+
+
 class TensorRTBuildRecord(BaseModel):
     """Exactly how one engine was built (build.json)."""
 
@@ -234,10 +275,13 @@ class TensorRTBuildRecord(BaseModel):
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
+    pci_bus_id: str
+    cuda_runtime_version: str | None
     driver_version: str | None
     cuda_driver_version: str | None
     settings: TensorRTBuildSettings
     timing_cache: TimingCacheUse | None
+    plugin_libraries: list[PluginLibrary]
     onnx_file: str
     onnx_sha256: str
     engine_file: str
@@ -276,31 +320,14 @@ def check_onnx_precision(onnx_path: Path, precision: Precision, *, plugins: Sequ
         )
 
 
-# --- CUDA runtime through polygraphy's wrapper (no torch, no cuda-python) ------------------------
+# --- CUDA: the GPU a build or runner uses ------------------------------------------------------
 
 
-def _cudart():
-    from polygraphy import cuda
-
-    return cuda.wrapper().handle
-
-
-def _check_cuda(status: int, what: str) -> None:
-    if status != 0:
-        raise StageError("cuda", f"{what} failed with cudaError {status} (see cudaError_t in the CUDA runtime API)")
-
-
-def _use_gpu(gpu: GpuInfo) -> None:
-    """Make ``gpu`` the current CUDA device; NVML and CUDA number GPUs differently, the PCI bus id is shared."""
-    cudart = _cudart()
-    device = ctypes.c_int()
-    if cudart.cudaDeviceGetByPCIBusId(ctypes.byref(device), gpu.pci_bus_id.encode()) != 0:
-        raise StageError(
-            STAGE,
-            f"GPU {gpu.name} ({gpu.pci_bus_id}) is not visible to CUDA in this process: "
-            f"check CUDA_VISIBLE_DEVICES and the container's --gpus option",
-        )
-    _check_cuda(cudart.cudaSetDevice(device), "cudaSetDevice")
+def _use_gpu(pci_bus_id: str, what: str) -> None:
+    try:
+        cuda_runtime().use_gpu(pci_bus_id)
+    except CudaError as err:
+        raise StageError(what, str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -318,24 +345,25 @@ def time_on_stream(enqueue: Callable[[], None], stream_ptr: int, runs: int = 200
     """Latency of ``enqueue`` (work it puts on the stream) measured with CUDA events, one run at a time."""
     if runs < 1 or warmup < 0:
         raise TrtforgeError(f"latency measurement needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    cudart = _cudart()
+    runtime = cuda_runtime()
+    cudart, check = runtime.lib, runtime.check
     stream = ctypes.c_void_p(stream_ptr)
     start, end = ctypes.c_void_p(), ctypes.c_void_p()
-    _check_cuda(cudart.cudaEventCreate(ctypes.byref(start)), "cudaEventCreate")
+    check(cudart.cudaEventCreate(ctypes.byref(start)), "cudaEventCreate")
     try:
-        _check_cuda(cudart.cudaEventCreate(ctypes.byref(end)), "cudaEventCreate")
+        check(cudart.cudaEventCreate(ctypes.byref(end)), "cudaEventCreate")
         try:
             for _ in range(warmup):
                 enqueue()
-            _check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            runtime.synchronize(stream_ptr)
             times = []
             elapsed = ctypes.c_float()
             for _ in range(runs):
-                _check_cuda(cudart.cudaEventRecord(start, stream), "cudaEventRecord")
+                check(cudart.cudaEventRecord(start, stream), "cudaEventRecord")
                 enqueue()
-                _check_cuda(cudart.cudaEventRecord(end, stream), "cudaEventRecord")
-                _check_cuda(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
-                _check_cuda(cudart.cudaEventElapsedTime(ctypes.byref(elapsed), start, end), "cudaEventElapsedTime")
+                check(cudart.cudaEventRecord(end, stream), "cudaEventRecord")
+                check(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+                check(cudart.cudaEventElapsedTime(ctypes.byref(elapsed), start, end), "cudaEventElapsedTime")
                 times.append(elapsed.value)
         finally:
             cudart.cudaEventDestroy(end)
@@ -382,23 +410,101 @@ def _runtime_module(kind: RuntimeKind):
     raise StageError("load", f"the {kind} TensorRT runtime is not importable here ({'; '.join(errors)}): install {package}")
 
 
-class TensorRTRunner:
-    """Runs a TensorRT plan on the current CUDA device: one execution context, one stream.
+def plugin_libraries(spec: ModelSpec) -> list[Path]:
+    """The spec's ``plugins`` entries that name a plugin library (a ``.so`` file), resolved beside the
+    spec; the other entries are op domains or op types, served by TensorRT's own plugins."""
+    base = spec.source.parent if spec.source is not None else Path.cwd()
+    libraries = []
+    for entry in spec.plugins:
+        if ".so" not in Path(entry).suffixes:
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else base / entry
+        if not path.is_file():
+            raise SpecError(f"spec {spec.name!r}: plugins names the library {entry!r}, but {path} is not a file: build it or fix the path")
+        libraries.append(path.resolve())
+    return libraries
 
-    Each ``run`` picks the first optimization profile whose min..max covers the batch's shapes.
+
+def load_plugin_libraries(trt, libraries: Sequence[Path], what: str) -> None:
+    """Register each library's plugin creators with TensorRT's plugin registry of this process."""
+    registry = trt.get_plugin_registry()
+    for library in libraries:
+        if registry.load_library(str(library)) is None:
+            raise StageError(
+                what,
+                f"TensorRT {trt.__version__} could not load the plugin library {library} (its log above says why): rebuild it for this TensorRT",
+            )
+
+
+def _record_beside(engine_path: Path) -> dict[str, Any]:
+    """The build record written beside the engine, or {} for a bare plan."""
+    path = engine_path.parent / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _recorded_plugins(engine_path: Path, record: dict[str, Any]) -> list[Path]:
+    """The plugin libraries build.json names, each checked against its recorded sha256."""
+    libraries = []
+    for entry in record.get("plugin_libraries") or []:
+        path = Path(entry["path"])
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise StageError(
+                "load",
+                f"{engine_path} was built with the plugin library {path} (sha256 {entry['sha256']}), which is missing or "
+                f"different here: install that exact library, or pass plugins= with its path on this host",
+            )
+        libraries.append(path)
+    return libraries
+
+
+def _build_gpu_here(record: dict[str, Any]) -> str | None:
+    """The PCI bus id of the GPU that built the engine, when this process sees that same GPU model there."""
+    bus_id = record.get("pci_bus_id")
+    if not bus_id:
+        return None
+    local = next((g for g in detect_gpus().gpus if g.pci_bus_id == bus_id), None)
+    if local is None or local.name != record.get("gpu_name") or cuda_runtime().device_of_pci_bus_id(bus_id) is None:
+        return None
+    return bus_id
+
+
+class TensorRTRunner:
+    """Runs a TensorRT plan on one GPU: one execution context, one stream.
+
+    ``pci_bus_id`` picks the GPU (the gate passes the build GPU's, from build.json); without one
+    the runner uses the process's current CUDA device. ``plugins`` are loaded before the plan is
+    read. Each ``run`` picks the first optimization profile whose min..max covers the batch's shapes.
     """
 
-    def __init__(self, engine_path: Path, runtime: RuntimeKind = "full"):
-        from polygraphy import cuda
-
+    def __init__(self, engine_path: Path, runtime: RuntimeKind = "full", *, pci_bus_id: str | None = None, plugins: Sequence[Path] = ()):
+        self._cuda = None
+        self._stream = 0
+        self._buffers: dict[str, DeviceBuffer] = {}
+        self._pending: list[np.ndarray] = []
+        self._context = None
+        self._engine = None
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise StageError("load", f"engine file {self.engine_path} does not exist: build the target first")
         trt = _runtime_module(runtime)
+        try:
+            self._cuda = cuda_runtime()
+        except CudaError as err:
+            raise StageError("load", str(err)) from None
+        if pci_bus_id is not None:
+            _use_gpu(pci_bus_id, "load")
+        self.device = self._cuda.current_device()
+        self.pci_bus_id = self._cuda.pci_bus_id_of(self.device)
         self.runtime_kind = runtime
         self._logger = trt.Logger(trt.Logger.WARNING)
         if hasattr(trt, "init_libnvinfer_plugins"):
             trt.init_libnvinfer_plugins(self._logger, "")
+        if plugins:
+            load_plugin_libraries(trt, plugins, "load")
         self._runtime = trt.Runtime(self._logger)
         # Version-compatible engines carry the lean runtime that runs them as host code.
         self._runtime.engine_host_code_allowed = True
@@ -412,8 +518,7 @@ class TensorRTRunner:
                 f"compatible",
             )
         self._context = self._engine.create_execution_context()
-        self._stream = cuda.Stream()
-        self._buffers: dict[str, Any] = {}
+        self._stream = self._cuda.create_stream()
         names = [self._engine.get_tensor_name(index) for index in range(self._engine.num_io_tensors)]
         self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -446,14 +551,15 @@ class TensorRTRunner:
         self.close()
 
     def close(self) -> None:
+        """Free the device memory and the stream; safe to call twice, and after a failed __init__."""
+        self._context = None
+        self._engine = None
         for buffer in self._buffers.values():
             buffer.free()
         self._buffers.clear()
-        if self._stream is not None:
-            self._stream.free()
-            self._stream = None
-        self._context = None
-        self._engine = None
+        if self._stream:
+            self._cuda.destroy_stream(self._stream)
+            self._stream = 0
 
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
         for index, profile in enumerate(self.profiles):
@@ -477,28 +583,34 @@ class TensorRTRunner:
             raise TrtforgeError(f"input {name!r} of {self.engine_path} takes {expected}, got {array.dtype}: convert the data first")
         return np.ascontiguousarray(array, dtype=expected)
 
-    def _device_buffer(self, name: str, shape: tuple[int, ...]):
-        from polygraphy import cuda
-        from polygraphy.datatype import DataType
-
+    def _device_buffer(self, name: str, shape: tuple[int, ...]) -> DeviceBuffer:
         buffer = self._buffers.get(name)
         if buffer is None:
-            buffer = self._buffers[name] = cuda.DeviceArray(shape=shape, dtype=DataType.from_dtype(self._dtypes[name]))
-        else:
-            buffer.resize(shape)
-        self._context.set_tensor_address(name, buffer.ptr)
+            buffer = self._buffers[name] = DeviceBuffer(self._cuda, self._dtypes[name])
+        buffer.resize(shape)
+        if not self._context.set_tensor_address(name, buffer.ptr):
+            raise StageError(
+                "run", f"TensorRT refused the device address of tensor {name!r} of {self.engine_path} (its log above says why)"
+            )
         return buffer
 
     def _prepare(self, arrays: dict[str, np.ndarray], profile: int) -> dict[str, tuple[int, ...]]:
         """Bind inputs (copied to the GPU) and output buffers; returns the output shapes."""
         if profile != self._active_profile:
-            if not self._context.set_optimization_profile_async(profile, self._stream.ptr):
+            # The bindings raise RuntimeError for a refused profile rather than returning False.
+            try:
+                accepted = self._context.set_optimization_profile_async(profile, self._stream)
+            except RuntimeError as err:
+                raise StageError("run", f"TensorRT refused optimization profile {profile} of {self.engine_path}: {err}") from None
+            if not accepted:
                 raise StageError("run", f"TensorRT refused optimization profile {profile} of {self.engine_path}")
             self._active_profile = profile
         for name, array in arrays.items():
             if not self._context.set_input_shape(name, array.shape):
                 raise TrtforgeError(f"TensorRT refused shape {list(array.shape)} for input {name!r} of {self.engine_path}")
             self._device_buffer(name, array.shape).copy_from(array, self._stream)
+            # The copy is asynchronous: the host array must outlive it.
+            self._pending.append(array)
         output_shapes = {}
         for name in self.output_names:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
@@ -512,7 +624,7 @@ class TensorRTRunner:
         return output_shapes
 
     def _enqueue(self) -> None:
-        if not self._context.execute_async_v3(self._stream.ptr):
+        if not self._context.execute_async_v3(self._stream):
             raise StageError("run", f"TensorRT failed to run {self.engine_path} (its log above says why)")
 
     def _validated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -529,14 +641,17 @@ class TensorRTRunner:
         for name, shape in output_shapes.items():
             outputs[name] = np.empty(shape, dtype=self._dtypes[name])
             self._buffers[name].copy_to(outputs[name], self._stream)
-        self._stream.synchronize()
+        self._cuda.synchronize(self._stream)
+        self._pending.clear()
         return outputs
 
     def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
         """GPU milliseconds of each inference on ``feeds``, by CUDA events on the runner's stream."""
         arrays = self._validated(feeds)
         self._prepare(arrays, self._profile_for({n: a.shape for n, a in arrays.items()}))
-        return list(time_on_stream(self._enqueue, self._stream.ptr, runs=iterations, warmup=warmup).samples_ms)
+        samples = time_on_stream(self._enqueue, self._stream, runs=iterations, warmup=warmup).samples_ms
+        self._pending.clear()
+        return list(samples)
 
     def measure_latency(self, runs: int = 200, warmup: int = 20, seed: int = 0) -> list[ProfileLatency]:
         """GPU latency of one inference at each profile's opt shapes: median and p99 over ``runs``."""
@@ -549,7 +664,8 @@ class TensorRTRunner:
                 # Random values for float inputs; zeros for integer ones, which are valid ids and masks.
                 arrays[name] = rng.random(opt).astype(dtype) if dtype.kind == "f" else np.zeros(opt, dtype=dtype)
             self._prepare(arrays, index)
-            stats = time_on_stream(self._enqueue, self._stream.ptr, runs=runs, warmup=warmup)
+            stats = time_on_stream(self._enqueue, self._stream, runs=runs, warmup=warmup)
+            self._pending.clear()
             results.append(ProfileLatency(index, {n: list(a.shape) for n, a in arrays.items()}, stats))
         return results
 
@@ -566,7 +682,8 @@ class TensorRTBackend:
         return probe_tensorrt().version
 
     def availability(self, target: Target) -> Availability:
-        return availability_for(target, probe_tensorrt(), detect_gpus())
+        cuda = probe_cuda_runtime()
+        return availability_for(target, probe_tensorrt(), usable_gpus(cuda), cuda)
 
     def build(
         self,
@@ -579,33 +696,39 @@ class TensorRTBackend:
         """Build ``onnx_path`` for ``target`` into ``out_dir``: engine.plan, build.json and layers.json.
 
         ``options.timing_cache`` is loaded before the build when it exists and saved (merged with
-        whatever another build wrote there meanwhile) after it.
+        whatever another build wrote there meanwhile) once the engine is written.
         """
         settings = build_settings(spec, target)
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise StageError(STAGE, f"ONNX model {onnx_path} does not exist: run the export and precision stages first")
         check_onnx_precision(onnx_path, target.precision, plugins=spec.plugins)
+        libraries = plugin_libraries(spec)
         probe = probe_tensorrt()
-        gpus = detect_gpus()
-        availability = availability_for(target, probe, gpus)
+        cuda = probe_cuda_runtime()
+        gpus = usable_gpus(cuda)
+        availability = availability_for(target, probe, gpus, cuda)
         if not availability.available:
             raise StageError(STAGE, f"cannot build the {target.arch} target on this worker: {availability.reason}")
         gpu = select_gpu(target, gpus)
-        _use_gpu(gpu)
+        _use_gpu(gpu.pci_bus_id, STAGE)
 
         trt = importlib.import_module("tensorrt")
         from polygraphy.exception import PolygraphyException
 
+        load_plugin_libraries(trt, libraries, STAGE)
         try:
-            engine_bytes, build_seconds, cache_use = _build_serialized(trt, onnx_path, settings, options.timing_cache)
-            layers = _layer_information(trt, engine_bytes)
+            built = _build_serialized(trt, onnx_path, settings, options.timing_cache)
+            layers = _layer_information(trt, built.engine_bytes)
         except PolygraphyException as err:
             raise StageError(STAGE, f"TensorRT could not build {onnx_path} for {target.arch}: {err}") from None
 
         out_dir = Path(out_dir)
         engine_path = out_dir / ENGINE_FILE
+        engine_bytes = built.engine_bytes
         atomic_write_bytes(engine_path, engine_bytes)
+        # Only a build whose engine is safely written adds its tactics to the shared cache.
+        cache_use = built.save_timing_cache()
 
         layers_path = out_dir / LAYERS_FILE
         atomic_write_json(layers_path, layers)
@@ -618,16 +741,19 @@ class TensorRTBackend:
             tensorrt_version=probe.version,
             gpu_name=gpu.name,
             compute_capability=gpu.compute_capability,
+            pci_bus_id=gpu.pci_bus_id,
+            cuda_runtime_version=cuda.version,
             driver_version=gpus.driver_version,
             cuda_driver_version=gpus.cuda_driver_version,
             settings=settings,
             timing_cache=cache_use,
+            plugin_libraries=[PluginLibrary(path=str(lib), sha256=sha256_file(lib)) for lib in libraries],
             onnx_file=onnx_path.name,
             onnx_sha256=sha256_file(onnx_path),
             engine_file=ENGINE_FILE,
             engine_bytes=len(engine_bytes),
             engine_sha256=sha256_file(engine_path),
-            build_seconds=round(build_seconds, 3),
+            build_seconds=round(built.build_seconds, 3),
             layer_count=len(layers.get("Layers", [])),
             built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -640,13 +766,31 @@ class TensorRTBackend:
             extra_files={RECORD_FILE: record_path, LAYERS_FILE: layers_path},
         )
 
-    def load_runner(self, engine_path: Path, *, runtime: RuntimeKind = "full") -> TensorRTRunner:
-        """A runner for a plan; ``runtime="lean"`` loads it with the lean runtime (version-compatible engines)."""
-        return TensorRTRunner(engine_path, runtime=runtime)
+    def load_runner(
+        self, engine_path: Path, *, runtime: RuntimeKind = "full", pci_bus_id: str | None = None, plugins: Sequence[Path] | None = None
+    ) -> TensorRTRunner:
+        """A runner for a plan; ``runtime="lean"`` loads it with the lean runtime (version-compatible engines).
+
+        With build.json beside the plan (as after a build, for the gate), the runner uses the GPU
+        that built it when this process sees that GPU model at that PCI bus id, and loads the plugin
+        libraries it names after checking their sha256; ``pci_bus_id`` and ``plugins`` override both."""
+        engine_path = Path(engine_path)
+        record = _record_beside(engine_path)
+        if plugins is None:
+            plugins = _recorded_plugins(engine_path, record)
+        if pci_bus_id is None and record:
+            try:
+                pci_bus_id = _build_gpu_here(record)
+            except CudaError as err:
+                raise StageError("load", str(err)) from None
+        return TensorRTRunner(engine_path, runtime=runtime, pci_bus_id=pci_bus_id, plugins=plugins)
 
     def timing_cache_key(self, target: Target) -> str | None:
+        """The shared cache of the GPU this worker would build ``target`` on, or None where it cannot build it."""
         version = self.runtime_version()
-        return timing_cache_key(version, target) if version is not None else None
+        cuda = probe_cuda_runtime()
+        gpu = select_gpu(target, usable_gpus(cuda)) if version is not None and cuda.usable else None
+        return timing_cache_key(version, gpu) if gpu is not None else None
 
 
 def _enum_member(enum: Any, value: str, setting: str, version: str) -> Any:
@@ -658,9 +802,27 @@ def _enum_member(enum: Any, value: str, setting: str, version: str) -> Any:
         ) from None
 
 
-def _build_serialized(
-    trt, onnx_path: Path, settings: TensorRTBuildSettings, timing_cache: Path | None
-) -> tuple[bytes, float, TimingCacheUse | None]:
+@dataclass
+class _Built:
+    """A serialized engine and the builder config it came from, whose timing cache is saved once the engine is written."""
+
+    engine_bytes: bytes
+    build_seconds: float
+    config: Any
+    timing_cache: Path | None
+    cache_status: str
+    loaded_bytes: int
+
+    def save_timing_cache(self) -> TimingCacheUse | None:
+        if self.timing_cache is None:
+            return None
+        status, saved = self.cache_status, 0
+        if status != "foreign":
+            status, saved = _save_timing_cache(self.config, self.timing_cache, status)
+        return TimingCacheUse(path=str(self.timing_cache), status=status, loaded_bytes=self.loaded_bytes, saved_bytes=saved)
+
+
+def _build_serialized(trt, onnx_path: Path, settings: TensorRTBuildSettings, timing_cache: Path | None) -> _Built:
     """The serialized engine, the seconds the builder took, and what happened to the timing cache."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
@@ -702,11 +864,7 @@ def _build_serialized(
     started = time.perf_counter()
     engine_bytes = EngineBytesFromNetwork((builder, network, parser), config=config)()
     build_seconds = time.perf_counter() - started
-    cache_use = None
-    if timing_cache is not None:
-        saved_bytes = 0 if status == "foreign" else _save_timing_cache(config, timing_cache, merge=status != "unreadable")
-        cache_use = TimingCacheUse(path=str(timing_cache), status=status, loaded_bytes=loaded_bytes, saved_bytes=saved_bytes)
-    return bytes(memoryview(engine_bytes)), build_seconds, cache_use
+    return _Built(bytes(memoryview(engine_bytes)), build_seconds, config, timing_cache, status, loaded_bytes)
 
 
 def _load_timing_cache(config, path: Path) -> tuple[str, int]:
@@ -721,36 +879,48 @@ def _load_timing_cache(config, path: Path) -> tuple[str, int]:
         cache = None
     if cache is None:
         return "unreadable", len(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    # A cache from another GPU model is refused (False, or an error from the bindings): build without it.
+    try:
+        accepted = config.set_timing_cache(cache, ignore_mismatch=False)
+    except (RuntimeError, TypeError):
+        accepted = False
+    if not accepted:
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
         return "foreign", len(data)
     return "loaded", len(data)
 
 
-def _save_timing_cache(config, path: Path, merge: bool) -> int:
-    """Save the build's timing cache to ``path``, merged (when ``merge``) with whatever another build
-    saved there meanwhile."""
+def _save_timing_cache(config, path: Path, status: str) -> tuple[str, int]:
+    """Save the build's timing cache to ``path``, merged with whatever another build saved there
+    meanwhile; returns the status (``foreign`` when TensorRT would not combine that cache with
+    this build's, which then stays as it is) and the bytes saved."""
     from polygraphy import util
 
     cache = config.get_timing_cache()
     path.parent.mkdir(parents=True, exist_ok=True)
     with util.LockFile(str(path)):
-        if merge and path.is_file() and path.stat().st_size:
-            cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=False)
-        with cache.serialize() as serialized:
-            data = bytes(memoryview(serialized))
+        if status != "unreadable" and path.is_file() and path.stat().st_size:
+            try:
+                stored = config.create_timing_cache(path.read_bytes())
+            except Exception:  # TensorRT's bindings raise their own error types for a blob that is not a cache
+                stored = None
+            if stored is not None and not cache.combine(stored, ignore_mismatch=False):
+                return "foreign", 0
+        # IHostMemory's context manager is deprecated: copy the bytes out, then let it go.
+        data = bytes(memoryview(cache.serialize()))
         atomic_write_bytes(path, data)
-    return len(data)
+    return status, len(data)
 
 
 def _layer_information(trt, engine_bytes: bytes) -> dict[str, Any]:
-    """The engine inspector's JSON: ``Layers`` (one entry per layer) and ``Bindings``."""
+    """The engine inspector's JSON: ``Layers`` (one entry per layer), and the I/O tensors (``I/O Tensors``
+    in TensorRT 11, ``Bindings`` in 10) as TensorRT names them."""
     from polygraphy.backend.trt import EngineFromBytes
 
     engine = EngineFromBytes(engine_bytes)()
     inspector = engine.create_engine_inspector()
     text = inspector.get_engine_information(trt.LayerInformationFormat.JSON) if inspector is not None else ""
-    return json.loads(text) if text else {"Layers": [], "Bindings": []}
+    return json.loads(text) if text else {"Layers": []}
 
 
 register_backend(TensorRTBackend())
