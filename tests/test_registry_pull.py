@@ -240,3 +240,17 @@ def test_a_garbled_verification_record_means_hashing_not_trusting(tmp_path):
 
     again = registry.pull(MODEL, tmp_path / "again", cache_dir=cache)
     assert Path(again.path).read_bytes() == plan
+
+
+def test_a_redeploy_into_the_same_folder_rewrites_only_what_changed(tmp_path):
+    plan = b"redeploy " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    first = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    engine, build = Path(first.path), tmp_path / "deploy" / "build.json"
+    engine_inode, build_text = engine.stat().st_ino, build.read_text()
+    build.write_text("{}")
+
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    assert engine.stat().st_ino == engine_inode
+    assert build.read_text() == build_text

@@ -18,6 +18,7 @@ download it anew if it no longer matches.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -239,6 +240,7 @@ class BlobCache:
 
     def __init__(self, root: Path):
         self.root = root / "blobs" / "sha256"
+        self.placements = root / "placed"
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -284,20 +286,46 @@ class BlobCache:
         self._record(entry.sha256, blob)
         return blob
 
-    def _recorded(self, sha256: str) -> dict[str, int] | None:
+    def place(self, blob: Path, dest: Path, entry: FileEntry) -> None:
+        """Copy ``blob`` to ``dest`` unless ``dest`` is, unchanged, the copy an earlier pull placed there.
+
+        A redeploy into the same folder then writes nothing; a pulled file edited since (its
+        stat no longer the recorded one) is replaced with the manifest's bytes.
+        """
+        record = self._placement_path(dest)
         try:
-            recorded = json.loads(self.record_path(sha256).read_text())
-        except (OSError, ValueError):
-            return None
-        return recorded if isinstance(recorded, dict) else None
+            if _read_json(record) == {"sha256": entry.sha256, **_stat_record(dest.stat())}:
+                return
+        except OSError:
+            pass
+        place(blob, dest)
+        self._write_record(record, {"sha256": entry.sha256, **_stat_record(dest.stat())})
+
+    def _placement_path(self, dest: Path) -> Path:
+        return self.placements / hashlib.sha256(os.fsencode(dest)).hexdigest()
+
+    def _recorded(self, sha256: str) -> dict[str, Any] | None:
+        return _read_json(self.record_path(sha256))
 
     def _record(self, sha256: str, blob: Path) -> None:
         # Taken after the rename into place: a rename can change the blob's ctime.
+        self._write_record(self.record_path(sha256), _stat_record(blob.stat()))
+
+    @staticmethod
+    def _write_record(path: Path, record: dict[str, Any]) -> None:
         try:
-            atomic_write_json(self.record_path(sha256), _stat_record(blob.stat()), indent=None)
+            atomic_write_json(path, record, indent=None)
         except OSError:
-            # A read-only cache still serves verified blobs; each hit is then hashed in full.
+            # A read-only cache still serves verified blobs: each hit is then hashed, each file copied.
             pass
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _stat_record(stat: os.stat_result) -> dict[str, int]:

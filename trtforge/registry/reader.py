@@ -40,7 +40,6 @@ from trtforge.registry.pull import (
     local_arch,
     local_tensorrt_version,
     normalize_arch,
-    place,
 )
 from trtforge.registry.signing import SignatureError, Trust, VersionVerifier
 from trtforge.registry.storage import ObjectStore
@@ -273,7 +272,7 @@ class RegistryReader:
             raise RegistryError(f"cannot create pull destination {dest}: {err.strerror}") from None
         files = []
         for name, (blob, cached) in blobs.items():
-            place(blob, dest / name)
+            cache.place(blob, dest / name, entry.files[name])
             file_entry = entry.files[name]
             files.append(PulledFile(name=name, path=str(dest / name), sha256=file_entry.sha256, size=file_entry.size, cached=cached))
         primary = entry.files[entry.primary_file]
