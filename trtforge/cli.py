@@ -1,15 +1,19 @@
 """The ``trtforge`` command: parse arguments, call one library function, translate errors.
 
 Every ``TrtforgeError`` is printed as ``error: <message>`` on stderr with exit code 1 and
-no traceback. Heavy imports (torch, Prefect) happen inside the commands that need them, so
-``pull``, ``ls`` and ``show`` work with the core install.
+no traceback, also where Prefect logs it: tracebacks reach the terminal only with ``--debug``
+(or ``TRTFORGE_DEBUG=1``), while Prefect's API logs and states keep them for the UI. Heavy
+imports (torch, Prefect) happen inside the commands that need them, so ``pull``, ``ls`` and
+``show`` work with the core install.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,12 +34,60 @@ def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def debugging() -> bool:
+    return os.environ.get("TRTFORGE_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also TRTFORGE_DEBUG=1).")] = False,
+) -> None:
+    """Turn trained PyTorch checkpoints into gated, versioned engines, and serve them back."""
+    if debug:
+        os.environ["TRTFORGE_DEBUG"] = "1"
+
+
 def main() -> None:
     try:
         app()
     except TrtforgeError as err:
+        if debugging():
+            traceback.print_exc()
         typer.echo(f"error: {err}", err=True)
         sys.exit(1)
+
+
+class _NoUserErrorTraceback(logging.Formatter):
+    """A console formatter that leaves out the traceback of a project error (the CLI prints its one line).
+
+    The record itself is left as it is, so Prefect's API handler still sends the traceback to the UI.
+    """
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, TrtforgeError):
+            return self.inner.format(record)
+        kept = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = kept
+
+
+def _quiet_console_tracebacks() -> None:
+    """Prefect logs every failed task and flow with its traceback on the console; a user error needs none."""
+    if debugging():
+        return
+    # Prefect's console handler sits on the root logger (its flow and task run loggers propagate to it).
+    for handler in [*logging.getLogger().handlers, *logging.getLogger("prefect").handlers]:
+        # The API handler ships records to the server (the UI keeps the traceback): only terminals are quieted.
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoUserErrorTraceback):
+            handler.setFormatter(_NoUserErrorTraceback(handler.formatter))
 
 
 def _pipeline_flow(module: str, name: str, command: str):
@@ -43,7 +95,7 @@ def _pipeline_flow(module: str, name: str, command: str):
     import importlib
 
     try:
-        return getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
+        flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
     except ModuleNotFoundError as err:
         missing = (err.name or "").split(".")[0]
         if missing.startswith("trtforge"):
@@ -51,6 +103,14 @@ def _pipeline_flow(module: str, name: str, command: str):
         raise TrtforgeError(
             f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
         ) from None
+    _quiet_console_tracebacks()
+    return flow
+
+
+def _fail(message: str) -> None:
+    """End a command that printed its results but failed: one ``error:`` line on stderr, exit code 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def _print_run_table(summary) -> None:
@@ -111,7 +171,7 @@ def run(
             if summary.run_dir:
                 typer.echo(f"report: {summary.run_dir / 'report.md'}")
     if failed is not None:
-        raise typer.Exit(1)
+        _fail(summary.message)
 
 
 def _for_worker(location: str) -> str:
@@ -182,7 +242,7 @@ def ci_command(
         _print_run_table(summary)
         typer.echo(summary.message)
     if not ci_passed(summary):
-        raise typer.Exit(1)
+        _fail(summary.message)
 
 
 @app.command("validate-calibration")
@@ -208,7 +268,10 @@ def validate_calibration_command(
         if report.data_docs is not None:
             typer.echo(f"data docs: {report.data_docs}")
     if not report.passed:
-        raise typer.Exit(1)
+        _fail(
+            f"calibration set {report.source} failed {len(report.failed)} expectation(s): "
+            + "; ".join(f.expectation for f in report.failed)
+        )
 
 
 @app.command("check")
@@ -230,7 +293,8 @@ def check_command(
     else:
         typer.echo(report.format_table())
     if not report.ok:
-        raise typer.Exit(1)
+        unsupported = sorted({node.op_type for node in report.unsupported})
+        _fail(f"{model}: {len(report.unsupported)} node(s) TensorRT cannot run (op types {', '.join(unsupported)}); see the table above")
 
 
 # --- registry: ls, show, pull, verify, promote, gc (core install only) -----------------------------------
@@ -371,6 +435,66 @@ def pull_command(
         typer.echo(f"  {file.path}  sha256 {file.sha256}")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+@app.command("triton")
+def triton_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The Triton model repository to write (a new folder).")],
+    version: Annotated[int | None, typer.Option("--version", help="Version number (default: the alias).")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="Alias to resolve (default: latest).")] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="TensorRT plans for these GPU architectures, comma-separated, e.g. sm_80,sm_90.")
+    ] = None,
+    all_archs: Annotated[bool, typer.Option("--all-archs", help="A TensorRT plan for every architecture the version has.")] = False,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="tensorrt or onnxruntime (default: tensorrt where the version has TensorRT targets).")
+    ] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16, int8 or fp8.")] = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="The spec the version was built from: the batch range where no TensorRT profile records it.")
+    ] = None,
+    max_queue_delay_us: Annotated[int, typer.Option("--max-queue-delay-us", help="Dynamic batching: longest wait to fill a batch.")] = 100,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Capture CUDA graphs (TensorRT plans only).")] = False,
+    instances: Annotated[int, typer.Option("--instances", help="Model instances in the one instance group.")] = 1,
+    replace: Annotated[bool, typer.Option("--replace", help="Swap an existing repository folder for the new one.")] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")
+    ] = None,
+    require_signature: RequireSignatureOption = None,
+    trusted_key: TrustedKeyOption = None,
+    registry: RegistryUriOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write a Triton model repository (config.pbtxt, one plan per GPU architecture) from a published version, atomically."""
+    from trtforge.triton import ConfigOptions, write_repository
+
+    result = write_repository(
+        _reader(registry),
+        model,
+        output,
+        version=version,
+        alias=alias,
+        archs=[a for a in arch.split(",") if a.strip()] if arch else None,
+        all_archs=all_archs,
+        backend=backend,
+        precision=precision,
+        spec_path=spec,
+        options=ConfigOptions(max_queue_delay_us=max_queue_delay_us, cuda_graphs=cuda_graphs, instances=instances),
+        replace=replace,
+        cache_dir=cache_dir,
+        require_signature=require_signature,
+        trust=_trusted_key(trusted_key),
+    )
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(f"wrote {result.model_dir} ({result.platform}) from {result.model} version {result.version}")
+    for plan in result.plans:
+        served = f"compute capability {plan.capability}" if plan.capability else "CPU"
+        typer.echo(f"  {served}: {plan.file}  (target {plan.tag}, sha256 {plan.sha256})")
+    typer.echo(f"max_batch_size {result.max_batch_size}, preferred batch sizes {result.preferred_batch_size or 'none'}")
+    typer.echo(f"serve it: tritonserver --model-repository {result.repository}")
 
 
 @app.command("verify")
