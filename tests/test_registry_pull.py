@@ -20,19 +20,25 @@ from trtforge.errors import NotFoundError, RegistryError
 from trtforge.gpu import detect_gpus
 from trtforge.registry import open_registry
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
-from trtforge.registry.pull import choose_target, local_tensorrt_version, normalize_arch
+from trtforge.registry.pull import EngineFacts, choose_target, local_tensorrt_version, normalize_arch, runtime_fits
 
 MODEL = "resnet50"
 
 
-def trt_record(arch: str, precision: str, version: str = "10.3.0", hardware: str = "none", version_compatible: bool = False) -> dict:
+def trt_record(
+    arch: str, precision: str, version: str = "10.3.0", hardware: str = "none", version_compatible: bool = False, exclude_lean: bool = False
+) -> dict:
     return {
         "backend": "tensorrt",
         "precision": precision,
         "target_arch": arch,
         "tensorrt_version": version,
         "compute_capability": arch,
-        "settings": {"hardware_compatibility_level": hardware, "version_compatible": version_compatible},
+        "settings": {
+            "hardware_compatibility_level": hardware,
+            "version_compatible": version_compatible,
+            "exclude_lean_runtime": exclude_lean,
+        },
     }
 
 
@@ -118,6 +124,54 @@ def test_tensorrt_version_mismatch_names_both_versions_and_what_fits():
     assert f"engines that would fit: {trt_tag('sm_90', 'int8', suffix='-vc')} (" in message
     with pytest.raises(RegistryError, match=re.escape("engines that would fit: none")):
         choose_target(manifest, arch="sm_90", precision="int8", local_tensorrt="10.0.0")
+
+
+# (built with, version-compatible, exclude_lean_runtime, this host's runtime, loads?) after NVIDIA's support matrix.
+COMPATIBILITY = [
+    ("10.3.0", False, False, "10.3.0.26", True),
+    ("10.3.0", False, False, "10.4.0", False),
+    ("10.3.0", False, False, "10.2.0", False),
+    ("11.4.0", False, False, "11.4.0.106", True),
+    ("10.3.0", True, False, "10.8.0", True),
+    ("10.8.0", True, False, "10.3.0", False),
+    ("10.3.0", True, False, "11.4.0.106", True),
+    ("10.16.0", True, False, "11.0.0", True),
+    ("10.3.0", False, False, "11.4.0", False),
+    ("11.4.0", True, False, "10.16.0", False),
+    ("11.0.0", True, False, "11.4.0", True),
+    ("8.6.1", True, False, "10.0.0", True),
+    ("8.6.1", True, False, "11.4.0", False),
+    ("8.6.1", False, False, "10.0.0", False),
+    ("10.3.0", True, True, "10.3.0", True),
+    ("10.3.0", True, True, "10.8.0", False),
+    ("10.3.0", True, True, "11.4.0", False),
+]
+
+
+@pytest.mark.parametrize("built, version_compatible, exclude_lean, local, loads", COMPATIBILITY)
+def test_engine_compatibility_follows_the_support_matrix(built, version_compatible, exclude_lean, local, loads):
+    record = trt_record("sm_90", "fp16", version=built, version_compatible=version_compatible, exclude_lean=exclude_lean)
+    assert runtime_fits(EngineFacts.of(record), local) is loads
+    manifest = manifest_of([(trt_tag("sm_90", "fp16"), record)])
+    if loads:
+        assert choose_target(manifest, arch="sm_90", local_tensorrt=local).tag == trt_tag("sm_90", "fp16")
+    else:
+        with pytest.raises(RegistryError, match=rf"this host has TensorRT {re.escape(local)}, which cannot load"):
+            choose_target(manifest, arch="sm_90", local_tensorrt=local)
+
+
+def test_a_tensorrt_10_version_compatible_engine_is_pulled_onto_tensorrt_11():
+    fleet = [
+        (trt_tag("sm_90", "fp16"), trt_record("sm_90", "fp16", version="10.13.0")),
+        (trt_tag("sm_90", "fp16", version="10.13", suffix="-vc"), trt_record("sm_90", "fp16", version="10.13.0", version_compatible=True)),
+        (
+            trt_tag("sm_90", "fp16", suffix="-vc-nolean"),
+            trt_record("sm_90", "fp16", version="10.3.0", version_compatible=True, exclude_lean=True),
+        ),
+    ]
+    chosen = choose_target(manifest_of(fleet), arch="sm_90", local_tensorrt="11.4.0.106")
+    assert chosen.tag == trt_tag("sm_90", "fp16", version="10.13", suffix="-vc")
+    assert "version-compatible, lean runtime excluded" in EngineFacts.of(fleet[2][1]).describe()
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,7 @@ class EngineFacts:
     runtime_version: str | None
     hardware_compatibility: str
     version_compatible: bool
+    exclude_lean_runtime: bool = False
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> EngineFacts:
@@ -89,6 +90,7 @@ class EngineFacts:
             runtime_version=str(runtime) if runtime else None,
             hardware_compatibility=str(record.get("hardware_compatibility") or settings.get("hardware_compatibility_level") or "none"),
             version_compatible=bool(record.get("version_compatible", settings.get("version_compatible", False))),
+            exclude_lean_runtime=bool(record.get("exclude_lean_runtime", settings.get("exclude_lean_runtime", False))),
         )
 
     def describe(self) -> str:
@@ -96,7 +98,7 @@ class EngineFacts:
         if self.hardware_compatibility not in ("none", ""):
             parts.append(f"hardware-compatible {self.hardware_compatibility}")
         if self.version_compatible:
-            parts.append("version-compatible")
+            parts.append("version-compatible, lean runtime excluded" if self.exclude_lean_runtime else "version-compatible")
         return " ".join(parts)
 
     def summary(self) -> dict[str, Any]:
@@ -108,6 +110,7 @@ class EngineFacts:
             "runtime_version": self.runtime_version,
             "hardware_compatibility": self.hardware_compatibility,
             "version_compatible": self.version_compatible,
+            "exclude_lean_runtime": self.exclude_lean_runtime,
         }
 
 
@@ -126,15 +129,26 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
+# NVIDIA's support matrix: a runtime of major version M also loads the version-compatible engines
+# of the major release before it (TensorRT 9 was no general release, so 10 follows 8).
+PREVIOUS_MAJOR = {10: 8, 11: 10}
+
+
 def runtime_fits(facts: EngineFacts, local_tensorrt: str) -> bool:
-    """Whether this host's TensorRT can load the engine: the building version, or a later one of the same
-    major version for version-compatible engines. Engines of other backends, or with no recorded version, pass."""
+    """Whether this host's TensorRT can load the engine; the one place that rule lives.
+
+    A plain engine runs only on the TensorRT version that built it. A version-compatible one runs on
+    that version or any later one of its major version, and on the runtime of the next major release
+    (10.x engines on 11.x, 8.6+ on 10.x). One built with ``exclude_lean_runtime`` carries no lean
+    runtime, so it needs a lean runtime of exactly the building version: exact, like a plain engine.
+    Engines of other backends, or with no recorded version, pass."""
     if facts.backend != "tensorrt" or not facts.runtime_version:
         return True
     built, local = _version_tuple(facts.runtime_version), _version_tuple(local_tensorrt)
-    if facts.version_compatible:
-        return local[:1] == built[:1] and local >= built
-    return local == built
+    if not facts.version_compatible or facts.exclude_lean_runtime:
+        return local == built
+    same_or_next_major = local[0] == built[0] or PREVIOUS_MAJOR.get(local[0]) == built[0]
+    return same_or_next_major and local >= built
 
 
 def _listing(entries: list[TargetEntry]) -> str:
@@ -186,7 +200,8 @@ def choose_target(
             ]
             raise RegistryError(
                 f"this host has TensorRT {local_tensorrt}, which cannot load {refused} of {label}: an engine runs only on "
-                f"the TensorRT version that built it unless it was built version-compatible; engines that would fit: "
+                f"the TensorRT version that built it unless it was built version-compatible (then also on later versions "
+                f"of its major version and on the next major version, unless built with exclude_lean_runtime); engines that would fit: "
                 f"{_listing(would_fit)}. Install the TensorRT version named, or pull a version built with {local_tensorrt}"
             )
         ranked = fitting
