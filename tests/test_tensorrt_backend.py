@@ -568,7 +568,10 @@ def test_prefect_yaml_has_one_build_target_deployment_per_gpu_pool():
 
 @pytest.fixture(scope="module")
 def local_arch() -> str:
-    return detect_gpus().gpus[0].compute_capability
+    from trtforge.backends.tensorrt import usable_gpus
+    from trtforge.gpu import probe_cuda_runtime
+
+    return usable_gpus(probe_cuda_runtime()).gpus[0].compute_capability
 
 
 @pytest.fixture(scope="module")
@@ -621,6 +624,7 @@ def test_engine_is_built_recorded_run_and_gated(precision, digits_spec, digits_c
     assert record == built.record
     assert record["tensorrt_version"] == trt.__version__
     assert record["compute_capability"] == local_arch
+    assert record["pci_bus_id"] and record["cuda_runtime_version"] and record["plugin_libraries"] == []
     assert record["engine_bytes"] == built.engine_path.stat().st_size
     assert record["settings"]["strongly_typed"] is True
     assert record["timing_cache"]["saved_bytes"] == (tmp_path / "cache" / "timing.cache").stat().st_size > 0
@@ -635,6 +639,8 @@ def test_engine_is_built_recorded_run_and_gated(precision, digits_spec, digits_c
     evalset = load_eval_set(spec)
     reference = load_reference(reference_outputs(spec, digits_checkpoint, tmp_path / "reference"))
     with get_backend("tensorrt").load_runner(built.engine_path) as runner:
+        # The gate runs on the GPU that built the engine (CUDA writes the PCI domain with 4 digits, NVML with 8).
+        assert runner.pci_bus_id.lower().split(":", 1)[1] == record["pci_bus_id"].lower().split(":", 1)[1]
         result = gate_target(spec, target, built.tag, runner, evalset, reference)
     assert result.passed, result.failures
     assert result.metrics["accuracy"] >= 0.95

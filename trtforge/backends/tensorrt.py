@@ -519,6 +519,14 @@ class TensorRTRunner:
             )
         self._context = self._engine.create_execution_context()
         self._stream = self._cuda.create_stream()
+        try:
+            self._describe_io(trt)
+        except BaseException:
+            # The caller never gets this runner to close: free the stream here.
+            self.close()
+            raise
+
+    def _describe_io(self, trt) -> None:
         names = [self._engine.get_tensor_name(index) for index in range(self._engine.num_io_tensors)]
         self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
