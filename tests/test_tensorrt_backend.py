@@ -758,3 +758,45 @@ def test_runner_refuses_a_plugin_library_that_differs_from_the_build(tmp_path):
         StageError, match=r"built with the plugin library .*libroi_align\.so \(sha256 0{64}\), which is missing or different"
     ):
         get_backend("tensorrt").load_runner(engine)
+
+
+class _TimingCache:
+    """Stands in for TensorRT's ITimingCache, whose refusal to combine needs two TensorRT versions to cause."""
+
+    def __init__(self, data: bytes, combines: bool = True):
+        self.data, self.combines = data, combines
+
+    def combine(self, other, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        if self.combines:
+            self.data += other.data
+        return self.combines
+
+    def serialize(self) -> bytes:
+        return self.data
+
+
+class _Config:
+    def __init__(self, cache: _TimingCache):
+        self.cache = cache
+
+    def get_timing_cache(self) -> _TimingCache:
+        return self.cache
+
+    def create_timing_cache(self, data: bytes) -> _TimingCache:
+        return _TimingCache(data)
+
+
+def test_a_timing_cache_tensorrt_will_not_combine_is_left_as_it_is(tmp_path):
+    from trtforge.backends.tensorrt import _save_timing_cache
+
+    shared = tmp_path / "caches" / "trt11.4.0.106-sm90-nvidia-h200.cache"
+    shared.parent.mkdir()
+    shared.write_bytes(b"another version's tactics")
+    assert _save_timing_cache(_Config(_TimingCache(b"ours", combines=False)), shared, "loaded") == ("foreign", 0)
+    assert shared.read_bytes() == b"another version's tactics"
+
+    assert _save_timing_cache(_Config(_TimingCache(b"ours")), shared, "loaded") == ("loaded", len(b"ours") + 25)
+    assert shared.read_bytes() == b"ours" + b"another version's tactics"
+    fresh = tmp_path / "caches" / "new.cache"
+    assert _save_timing_cache(_Config(_TimingCache(b"ours")), fresh, "new") == ("new", 4)

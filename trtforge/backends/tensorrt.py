@@ -240,8 +240,8 @@ class TimingCacheUse(BaseModel):
     """What a build did with its timing cache.
 
     ``new``: there was none, this build's is saved. ``loaded``: TensorRT used it, and it is saved
-    back with this build's tactics added. ``foreign``: TensorRT refused it (another GPU model of
-    the same compute capability wrote it); it is left as it is and the build ran without one.
+    back with this build's tactics added. ``foreign``: TensorRT refused to load it, or to combine
+    it with this build's (another TensorRT version or GPU model wrote it); it is left as it is.
     ``unreadable``: not a timing cache; replaced by this build's.
     """
 
