@@ -369,6 +369,21 @@ def ls_command(
             typer.echo(f"  {target.tag}  {built}  gate: {_metrics_text(target.gate)}")
 
 
+def _fastest_by_place(manifest) -> dict[str, str]:
+    """Per GPU architecture and for the CPU, the target 'pull --arch X --fastest' picks there, by tag."""
+    from trtforge.errors import RegistryError
+    from trtforge.registry.pull import EngineFacts, fastest_target
+
+    places = dict.fromkeys(EngineFacts.of(e.record).arch or "cpu" for e in manifest.targets.values())
+    marks: dict[str, list[str]] = {}
+    for place in places:
+        try:
+            marks.setdefault(fastest_target(manifest, arch=place).tag, []).append(place)
+        except RegistryError:
+            continue
+    return {tag: ", ".join(where) for tag, where in marks.items()}
+
+
 @app.command("show")
 def show_command(
     model: Annotated[str, typer.Argument(help="Model name.")],
@@ -386,8 +401,10 @@ def show_command(
     for name, value in manifest.lineage.model_dump().items():
         typer.echo(f"  {name}: {value}")
     typer.echo("environment: " + ", ".join(f"{name} {value}" for name, value in manifest.environment.items() if value))
+    fastest = _fastest_by_place(manifest)
     for entry in manifest.targets.values():
-        typer.echo(f"target {entry.tag}  gate: {_metrics_text(entry.record.get('gate'))}")
+        mark = f"  [fastest on {fastest[entry.tag]}]" if entry.tag in fastest else ""
+        typer.echo(f"target {entry.tag}  gate: {_metrics_text(entry.record.get('gate'))}{mark}")
         for name, file in entry.files.items():
             typer.echo(f"  {name}  {file.size} bytes  sha256 {file.sha256}")
 
@@ -405,13 +422,32 @@ def pull_command(
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Local cache of verified files (default: $TRTFORGE_CACHE_DIR or ~/.cache/trtforge).")
     ] = None,
+    fastest: Annotated[
+        bool,
+        typer.Option(
+            "--fastest",
+            help="Of the engines that fit, the one with the lowest gate latency_ms_median ('--arch auto': this GPU, or the CPU engines).",
+        ),
+    ] = False,
     require_signature: RequireSignatureOption = None,
     trusted_key: TrustedKeyOption = None,
     registry: RegistryUriOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Download the engine that fits this host, verify its SHA-256 (and signature), and write it atomically."""
-    result = _reader(registry).pull(
+    reader = _reader(registry)
+    if fastest:
+        from trtforge.registry.pull import fastest_target, local_tensorrt_version
+
+        if tag is not None:
+            raise TrtforgeError("--fastest chooses among the engines that fit: leave out --tag")
+        version = reader.resolve(model, version=version, alias=alias)
+        alias = None
+        tag = fastest_target(
+            reader.manifest(model, version), arch=arch, precision=precision, backend=backend, local_tensorrt=local_tensorrt_version()
+        ).tag
+        arch = precision = backend = None
+    result = reader.pull(
         model,
         output,
         version=version,
@@ -452,7 +488,8 @@ def triton_command(
     ] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16, int8 or fp8.")] = None,
     spec: Annotated[
-        Path | None, typer.Option("--spec", help="The spec the version was built from: the batch range where no TensorRT profile records it.")
+        Path | None,
+        typer.Option("--spec", help="The spec the version was built from: the batch range where no TensorRT profile records it."),
     ] = None,
     max_queue_delay_us: Annotated[int, typer.Option("--max-queue-delay-us", help="Dynamic batching: longest wait to fill a batch.")] = 100,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Capture CUDA graphs (TensorRT plans only).")] = False,

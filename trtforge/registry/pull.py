@@ -417,3 +417,60 @@ class PullResult(BaseModel):
     build: dict[str, Any]
     notes: list[str] = []
     signature_verified_with: str | None = None
+
+
+# --- pull --fastest: the quickest of the engines that fit -----------------------------------------
+
+
+def fastest_target(
+    manifest: Manifest,
+    *,
+    arch: str | None = None,
+    precision: str | None = None,
+    backend: str | None = None,
+    local_tensorrt: str | None = None,
+) -> TargetEntry:
+    """Of the targets ``choose_target`` would take for this request, the one whose gate measured the lowest
+    ``latency_ms_median``. ``arch="auto"`` is this host's GPU, or its CPU engines where it has no GPU; ``"cpu"``
+    keeps the CPU engines. Only engines of the best architecture match compete: a hardware-compatible engine's
+    latency was measured on another GPU."""
+    if arch == "auto":
+        arch = local_arch() if detect_gpus().available else "cpu"
+    elif arch not in (None, "cpu"):
+        arch = normalize_arch(arch)
+    on_cpu = arch == "cpu"
+    gpu_arch = None if on_cpu else arch
+    ranked = []
+    for entry in manifest.targets.values():
+        facts = EngineFacts.of(entry.record)
+        if on_cpu and facts.device != "cpu":
+            continue
+        try:
+            choose_target(manifest, tag=entry.tag, arch=gpu_arch, precision=precision, backend=backend, local_tensorrt=local_tensorrt)
+        except RegistryError:
+            continue
+        ranked.append((_EXACT if gpu_arch is None else arch_rank(facts, gpu_arch), entry))
+    if not ranked:
+        if on_cpu:
+            raise NotFoundError(
+                f"{manifest.model} version {manifest.version} has no CPU engine that fits; its targets: {_listing(list(manifest.targets.values()))}"
+            )
+        # Nothing fits: choose_target explains why, naming the targets.
+        choose_target(manifest, arch=gpu_arch, precision=precision, backend=backend, local_tensorrt=local_tensorrt)
+    best = min(rank for rank, _ in ranked)
+    top = [entry for rank, entry in ranked if rank == best]
+    timed = [(latency, entry.tag, entry) for entry in top if (latency := gate_latency(entry)) is not None]
+    if not timed:
+        raise RegistryError(
+            f"--fastest: no engine of {manifest.model} version {manifest.version} that fits records latency_ms_median in its "
+            f"gate metrics: {_listing(top)}; choose one with --precision, --backend or --tag"
+        )
+    return min(timed, key=lambda item: (item[0], item[1]))[2]
+
+
+def gate_latency(entry: TargetEntry) -> float | None:
+    """The median latency the gate measured for this target, in ms, where its record has one."""
+    gate = entry.record.get("gate")
+    metrics = gate.get("metrics") if isinstance(gate, dict) else None
+    latency = metrics.get("latency_ms_median") if isinstance(metrics, dict) else None
+    return float(latency) if isinstance(latency, int | float) and not isinstance(latency, bool) else None
