@@ -85,8 +85,17 @@ def test_checkpoint_with_wrong_keys_names_them(digits_spec, digits_checkpoint, t
     state["extra.weight"] = state.pop("classifier.3.weight")
     bad = tmp_path / "renamed.safetensors"
     save_file(state, str(bad))
-    with pytest.raises(CheckpointError, match=r"missing keys \['classifier.3.weight'\]; unexpected keys \['extra.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): classifier.3.weight; unexpected keys \(1\): extra.weight"):
         export_onnx(digits_spec, bad, tmp_path / "out")
+
+
+def test_num_classes_against_the_checkpoint_is_one_plain_line_from_the_child(digits_spec, digits_checkpoint, tmp_path):
+    spec = digits_spec.model_copy(update={"model_kwargs": {"num_classes": 7}})
+    with pytest.raises(CheckpointError) as caught:
+        export_onnx(spec, digits_checkpoint, tmp_path / "out")
+    message = str(caught.value)
+    assert "model [7, " in message and "model_kwargs sets num_classes: 7" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 def test_factory_that_cannot_be_imported_is_a_spec_error(digits_spec, digits_checkpoint, tmp_path):
