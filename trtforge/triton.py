@@ -305,7 +305,7 @@ def _choose_entries(manifest, backend: str | None, archs: Sequence[str] | None, 
         return backend, {None: choose_target(manifest, backend="onnxruntime", precision=precision)}
     if not archs:
         facts = [EngineFacts.of(e.record) for e in trt]
-        archs = sorted({f.arch for f in facts if f.arch and (precision is None or f.precision == precision)})
+        archs = sorted({f.arch for f in facts if f.arch and (precision is None or f.precision == precision)}, key=capability_from_arch)
         if not archs:
             raise TrtforgeError(
                 f"{manifest.model} version {manifest.version} has no TensorRT target{f' of precision {precision}' if precision else ''}: "
