@@ -121,8 +121,8 @@ def test_export_records_opset_nodes_and_diff_at_every_shape(digits_spec, digits_
 
 
 def test_export_over_tolerance_fails_and_leaves_nothing(digits_spec, digits_checkpoint, tmp_path):
-    spec = digits_spec.model_copy(update={"export": digits_spec.export.model_copy(update={"tolerance": 1e-12})})
-    with pytest.raises(StageError, match=r"export: ONNX output differs from PyTorch by .* over export.tolerance"):
+    spec = digits_spec.model_copy(update={"export": digits_spec.export.model_copy(update={"tolerance": 1e-12, "rtol": 0.0})})
+    with pytest.raises(StageError, match=r"export: ONNX output differs from PyTorch beyond export.tolerance 1e-12 \+ export.rtol 0"):
         export_onnx(spec, digits_checkpoint, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -257,3 +257,99 @@ def test_non_finite_outputs_fail_the_gate(digits_spec, digits_checkpoint, tmp_pa
     result = gate_target(digits_spec, digits_spec.targets[0], "t", _NaNRunner(), load_eval_set(digits_spec), reference)
     assert not result.passed
     assert "non-finite" in result.failures[0]
+
+
+def write_model_file(folder: Path, name: str, body: str) -> str:
+    """A model factory in its own file, as a user's spec would name it."""
+    path = folder / f"{name}.py"
+    path.write_text("import collections\nimport torch\nfrom torch import nn\n\n" + body)
+    return f"{path}:build"
+
+
+DICT_MODEL = """
+class Segmenter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(1, 3, 1)
+        self.aux = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        return collections.OrderedDict(out=self.head(x), aux=self.aux(x))
+
+
+def build():
+    return Segmenter()
+"""
+
+
+def test_dict_outputs_are_exported_by_the_spec_output_names(digits_spec, tmp_path):
+    import onnx
+
+    from trtforge.modelload import build_model
+    from trtforge.spec import OutputSpec
+
+    spec = digits_spec.model_copy(
+        update={"model": write_model_file(tmp_path, "dict_segmenter", DICT_MODEL), "outputs": [OutputSpec(name="out")]}
+    )
+    checkpoint = tmp_path / "segmenter.safetensors"
+    save_file(build_model(spec).state_dict(), str(checkpoint))
+    result = export_onnx(spec, checkpoint, tmp_path / "out")
+    assert [o.name for o in onnx.load(str(result.onnx_path)).graph.output] == ["out"]
+
+    unnamed = spec.model_copy(update={"outputs": [OutputSpec(name="logits")]})
+    with pytest.raises(StageError, match=r"returns a dict with keys \['out', 'aux'\], and the spec's outputs \['logits'\] are not"):
+        export_onnx(unnamed, checkpoint, tmp_path / "again")
+
+
+DATA_DEPENDENT_MODEL = """
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+def build():
+    return Branchy()
+"""
+
+
+def test_a_failed_torch_onnx_export_reports_its_root_cause_plainly(digits_spec, tmp_path):
+    from trtforge.modelload import build_model
+
+    spec = digits_spec.model_copy(update={"model": write_model_file(tmp_path, "branchy", DATA_DEPENDENT_MODEL)})
+    checkpoint = tmp_path / "branchy.safetensors"
+    save_file(build_model(spec).state_dict(), str(checkpoint))
+    with pytest.raises(StageError) as caught:
+        export_onnx(spec, checkpoint, tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith("export: torch.onnx.export of ")
+    assert "\x1b[" not in message
+    assert not message.rstrip().endswith("Next steps:")
+    assert "data-dependent" in message.lower() or "data dependent" in message.lower(), message
+
+
+def test_export_tolerance_is_relative_to_the_output_magnitude(digits_spec, digits_checkpoint, tmp_path):
+    state = load_file(str(digits_checkpoint))
+    # Logits in the ten-thousands: float32 rounding alone moves them by more than 1e-4.
+    state["classifier.3.weight"] = state["classifier.3.weight"] * 1e4
+    state["classifier.3.bias"] = state["classifier.3.bias"] * 1e4
+    large = tmp_path / "large-logits.safetensors"
+    save_file(state, str(large))
+
+    result = export_onnx(digits_spec, large, tmp_path / "out")
+    assert max(result.max_abs_diff.values()) > digits_spec.export.tolerance
+
+    absolute = digits_spec.model_copy(update={"export": digits_spec.export.model_copy(update={"rtol": 0.0})})
+    with pytest.raises(StageError) as caught:
+        export_onnx(absolute, large, tmp_path / "absolute")
+    message = str(caught.value)
+    assert "beyond export.tolerance 0.0001 + export.rtol 0 x |PyTorch|" in message
+    assert "output 'logits' at the " in message and ", element (" in message
+    assert "relative " in message and "the output's values reach " in message
+    assert "non-deterministic" not in message

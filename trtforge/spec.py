@@ -110,6 +110,7 @@ class IsolationOptions(Strict):
 class ExportOptions(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     tolerance: Annotated[float, Field(gt=0)] = 1e-4
+    rtol: Annotated[float, Field(ge=0)] = 1e-3
     seed: int = 0
 
 
