@@ -10,9 +10,9 @@ from torch import nn
 
 from trtforge.backends.base import get_backend
 from trtforge.evalset import load_eval_set
-from trtforge.spec import Task, parse_spec
+from trtforge.spec import Precision, Task, parse_spec
 from trtforge.stages.export import export_onnx
-from trtforge.stages.gate import gate_target
+from trtforge.stages.gate import effective_thresholds, gate_target
 from trtforge.stages.reference import load_reference, reference_outputs
 
 
@@ -51,7 +51,7 @@ def encoder_spec(tmp_path, seed: int, task: str = "embedding", gate: dict | None
         "export": {"tolerance": 1e-4},
         "eval": {"data": str(eval_path), "task": task, "labels": None, "recall_k": 5},
         "targets": [{"backend": "onnxruntime", "precision": "fp32"}],
-        "gate": gate or {"min_recall_at_k": 0.95},
+        "gate": {"min_recall_at_k": 0.95} if gate is None else gate,
     }
     return parse_spec(data), checkpoint
 
@@ -97,3 +97,16 @@ def test_raw_task_reports_per_output_errors(encoder_engine):
     for metric in ("max_abs_error", "mean_abs_error", "relative_error", "cosine_mean"):
         assert f"vector.{metric}" in result.metrics
     assert result.metrics["vector.max_abs_error"] < 1e-4
+
+
+def test_int8_embeddings_have_a_default_recall_floor(encoder_engine):
+    """No spec threshold: the int8 default (recall@k >= 0.90) alone fails an encoder whose neighbours changed."""
+    tmp, _, _, runner = encoder_engine
+    (tmp / "int8").mkdir(exist_ok=True)
+    spec, other_checkpoint = encoder_spec(tmp / "int8", seed=2, gate={})
+    int8 = spec.targets[0].model_copy(update={"precision": Precision.INT8})
+    assert effective_thresholds(spec, int8).min_recall_at_k == 0.90
+    reference = load_reference(reference_outputs(spec, other_checkpoint, tmp / "int8-ref"))
+    result = gate_target(spec, int8, "ort-cpu-int8", runner, load_eval_set(spec), reference)
+    assert result.metrics["recall_at_k"] < 0.90
+    assert any(f.startswith("recall@k against the reference embeddings") and "< threshold 0.9000" in f for f in result.failures)

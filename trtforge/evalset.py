@@ -14,6 +14,7 @@ import numpy as np
 
 from trtforge.calibration import archive_limits
 from trtforge.errors import SpecError
+from trtforge.groundtruth import Truth, load_truth
 from trtforge.numeric import NUMPY_DTYPES
 from trtforge.safeio import DEFAULT_LIMITS, ArchiveLimits, load_arrays
 from trtforge.spec import ModelSpec
@@ -24,6 +25,7 @@ class EvalSet:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     path: Path
+    truth: Truth | None = None
 
     @property
     def size(self) -> int:
@@ -65,7 +67,14 @@ def load_eval_set(spec: ModelSpec) -> EvalSet:
             raise SpecError(
                 f"eval.data: labels {spec.eval.labels!r} in {path} has {len(labels)} entries for {next(iter(sizes.values()))} samples"
             )
-    return EvalSet(inputs=inputs, labels=labels, path=path)
+    samples = next(iter(sizes.values()))
+    sample_ids = arrays.get(spec.eval.sample_ids)
+    if sample_ids is not None and sample_ids.shape != (samples,):
+        raise SpecError(
+            f"eval.data: array {spec.eval.sample_ids!r} in {path} has shape {list(sample_ids.shape)}; it names each of the {samples} samples' image"
+        )
+    truth = load_truth(spec, sample_ids, samples, eval_limits(spec))
+    return EvalSet(inputs=inputs, labels=labels, path=path, truth=truth)
 
 
 def eval_batch_size(spec: ModelSpec) -> int:

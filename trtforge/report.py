@@ -8,7 +8,17 @@ from pathlib import Path
 from trtforge.safeio import atomic_write_text, atomic_writer
 from trtforge.summary import RunSummary, TargetStatus
 
-SHOWN_METRICS = ("accuracy", "agreement", "cosine_mean", "recall_at_k", "max_abs_error", "latency_ms_median", "latency_ms_p99")
+SHOWN_METRICS = (
+    "accuracy",
+    "map",
+    "miou",
+    "agreement",
+    "cosine_mean",
+    "recall_at_k",
+    "max_abs_error",
+    "latency_ms_median",
+    "latency_ms_p99",
+)
 PLOT_NAME = "accuracy_latency.png"
 
 
@@ -82,7 +92,7 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
 
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     for index, target in enumerate(points):
-        metric = next((m for m in ("accuracy", "agreement", "cosine_mean") if m in target.metrics), None)
+        metric = next((m for m in ("accuracy", "map", "miou", "agreement", "cosine_mean") if m in target.metrics), None)
         if metric is None:
             continue
         passed = target.status is TargetStatus.PASSED

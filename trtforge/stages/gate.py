@@ -11,27 +11,78 @@ the spec's ``gate`` section, the target's own ``gate`` section. The defaults, an
   is real; the user cares about the task metric, not bit-exactness.
 - every precision: no NaN/Inf in any output, and no more than 0.5 point of the task metric lost
   against the last published version of the same target.
+- embeddings, int8/fp8: recall@k >= 0.90 against the reference's neighbours. Cosine 0.98 still
+  lets close neighbours swap; 0.90 allows one in ten of the top-k to change (int8 MiniLM gave
+  0.836, one in six: search results a user would notice).
+
+Detection and segmentation are judged on their task metric, never element by element: boxes
+dominate a detector's output, so a detector whose class scores are all zero still has cosine
+0.9999994 to its reference, and the same detections in another order have cosine 0.44.
+
+- detection: COCO mAP@[.5:.95] at most 0.2 point (fp32), 0.5 point (fp16/bf16) or 1.5 points
+  (int8/fp8) below the FP32 reference on the same images; no class's AP more than 1, 2 or 5
+  points below its reference AP (one collapsed class cannot hide in the mean); the mAP of the
+  engine's detections against the reference's confident detections >= 0.95 (fp32) or 0.90
+  (fp16/bf16): the same function must find the same boxes.
+- segmentation: mIoU at most 0.2, 0.5 or 1.0 point below the reference, no class's IoU more
+  than 1, 2 or 5 points below its reference IoU, and pixel agreement with the reference
+  >= 0.999 (fp32) or 0.995 (fp16/bf16).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from trtforge.backends.base import Runner
+from trtforge.detection import agreement_metrics, detection_metrics
+from trtforge.errors import StageError
 from trtforge.evalset import EvalSet, eval_batch_size
+from trtforge.groundtruth import DetectionTruth, SegmentationTruth, Truth
+from trtforge.outputs import Outputs, PerImage, collect_outputs, count_nonfinite
+from trtforge.postprocess import decode_all
+from trtforge.segmentation import label_maps, pixel_agreement, segmentation_metrics
 from trtforge.spec import GateThresholds, ModelSpec, Precision, Target, Task
 
 DEFAULT_THRESHOLDS: dict[Precision, GateThresholds] = {
-    Precision.FP32: GateThresholds(min_agreement=0.999, min_cosine=0.9999, regression_tolerance=0.005),
-    Precision.FP16: GateThresholds(min_agreement=0.99, min_cosine=0.999, regression_tolerance=0.005),
-    Precision.BF16: GateThresholds(min_agreement=0.99, min_cosine=0.999, regression_tolerance=0.005),
-    Precision.INT8: GateThresholds(max_accuracy_drop=0.01, min_cosine=0.98, regression_tolerance=0.005),
-    Precision.FP8: GateThresholds(max_accuracy_drop=0.01, min_cosine=0.98, regression_tolerance=0.005),
+    Precision.FP32: GateThresholds(
+        min_agreement=0.999,
+        min_cosine=0.9999,
+        regression_tolerance=0.005,
+        max_map_drop=0.002,
+        max_class_ap_drop=0.01,
+        min_agreement_map=0.95,
+        max_miou_drop=0.002,
+        max_class_iou_drop=0.01,
+        min_pixel_agreement=0.999,
+    ),
+    Precision.FP16: GateThresholds(
+        min_agreement=0.99,
+        min_cosine=0.999,
+        regression_tolerance=0.005,
+        max_map_drop=0.005,
+        max_class_ap_drop=0.02,
+        min_agreement_map=0.90,
+        max_miou_drop=0.005,
+        max_class_iou_drop=0.02,
+        min_pixel_agreement=0.995,
+    ),
+    Precision.INT8: GateThresholds(
+        max_accuracy_drop=0.01,
+        min_cosine=0.98,
+        min_recall_at_k=0.90,
+        regression_tolerance=0.005,
+        max_map_drop=0.015,
+        max_class_ap_drop=0.05,
+        max_miou_drop=0.01,
+        max_class_iou_drop=0.05,
+    ),
 }
+DEFAULT_THRESHOLDS[Precision.BF16] = DEFAULT_THRESHOLDS[Precision.FP16]
+DEFAULT_THRESHOLDS[Precision.FP8] = DEFAULT_THRESHOLDS[Precision.INT8]
+STAGE = "gate"
 LATENCY_WARMUP = 5
 LATENCY_ITERATIONS = 50
 
@@ -59,29 +110,18 @@ def effective_thresholds(spec: ModelSpec, target: Target) -> GateThresholds:
     return GateThresholds(**merged)
 
 
-def run_eval(spec: ModelSpec, runner: Runner, evalset: EvalSet) -> dict[str, np.ndarray]:
-    collected: dict[str, list[np.ndarray]] = {o.name: [] for o in spec.outputs}
-    for batch in evalset.batches(eval_batch_size(spec)):
-        outputs = runner.run(batch)
-        for name in collected:
-            collected[name].append(np.asarray(outputs[name], dtype=np.float32))
-    return {name: np.concatenate(parts) for name, parts in collected.items()}
+def run_eval(spec: ModelSpec, runner: Runner, evalset: EvalSet) -> Outputs:
+    return collect_outputs(spec, evalset.batches(eval_batch_size(spec)), runner.run, STAGE)
 
 
 def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet) -> dict[str, float]:
-    """Wall-clock latency of one call at the opt shape (eval samples tiled to fill it)."""
+    """Latency of one call at the opt shape (eval samples tiled to fill it), by the runner's own clock."""
     feeds = {}
     for inp in spec.inputs:
         batch = inp.shape_at("opt")[0]
         source = evalset.inputs[inp.name]
         feeds[inp.name] = np.resize(source, (batch, *source.shape[1:])).astype(source.dtype)
-    for _ in range(LATENCY_WARMUP):
-        runner.run(feeds)
-    times = []
-    for _ in range(LATENCY_ITERATIONS):
-        started = time.perf_counter()
-        runner.run(feeds)
-        times.append((time.perf_counter() - started) * 1000)
+    times = runner.time_ms(feeds, warmup=LATENCY_WARMUP, iterations=LATENCY_ITERATIONS)
     return {"latency_ms_median": float(np.median(times)), "latency_ms_p99": float(np.percentile(times, 99))}
 
 
@@ -109,11 +149,18 @@ def _recall_at_k(candidate: np.ndarray, reference: np.ndarray, k: int) -> float:
 
 
 def compute_metrics(
-    spec: ModelSpec, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None
+    spec: ModelSpec, outputs: Outputs, reference: Outputs, labels: np.ndarray | None, truth: Truth | None = None
 ) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    nonfinite = sum(int(np.size(o) - np.count_nonzero(np.isfinite(o))) for o in outputs.values())
-    metrics["nonfinite_outputs"] = float(nonfinite)
+    nonfinite = count_nonfinite(outputs)
+    metrics: dict[str, float] = {"nonfinite_outputs": float(nonfinite)}
+    if spec.eval.task is Task.DETECTION:
+        if nonfinite == 0:
+            metrics.update(_detection(spec, outputs, reference, truth))
+        return metrics
+    if spec.eval.task is Task.SEGMENTATION:
+        if nonfinite == 0:
+            metrics.update(_segmentation(spec, outputs, reference, truth))
+        return metrics
     cosines, abs_errors = [], []
     for name, out in outputs.items():
         ref = reference[name]
@@ -148,9 +195,42 @@ def compute_metrics(
     return metrics
 
 
+def _detection(spec: ModelSpec, outputs: PerImage, reference: PerImage, truth: DetectionTruth) -> dict[str, float]:
+    if len(reference) != len(outputs):
+        raise StageError(
+            STAGE, f"the reference outputs cover {len(reference)} images, the eval set {len(outputs)}: recompute the reference"
+        )
+    count = len(truth.classes)
+    engine = decode_all(spec, outputs, count, STAGE)
+    expected = decode_all(spec, reference, count, STAGE)
+    metrics = {"eval_images": float(len(outputs)), "gt_instances": float(truth.instances)}
+    metrics.update(detection_metrics(truth, engine))
+    metrics.update(detection_metrics(truth, expected, prefix="reference_"))
+    metrics.update(agreement_metrics(truth, engine, expected, spec.eval.agreement_score))
+    metrics["detections_per_image"] = float(np.mean([len(d) for d in engine]))
+    return metrics
+
+
+def _segmentation(
+    spec: ModelSpec, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], truth: SegmentationTruth
+) -> dict[str, float]:
+    name = spec.outputs[0].name
+    engine = label_maps(outputs[name], truth, STAGE)
+    expected = label_maps(reference[name], truth, STAGE)
+    metrics = {"eval_images": float(len(engine))}
+    metrics.update(segmentation_metrics(engine, truth))
+    metrics.update(segmentation_metrics(expected, truth, prefix="reference_"))
+    metrics["pixel_agreement"] = pixel_agreement(engine, expected, truth)
+    return metrics
+
+
 def task_metric_name(spec: ModelSpec, metrics: dict[str, float]) -> str:
     if spec.eval.task is Task.CLASSIFICATION:
         return "accuracy" if "accuracy" in metrics else "agreement"
+    if spec.eval.task is Task.DETECTION:
+        return "map"
+    if spec.eval.task is Task.SEGMENTATION:
+        return "miou"
     return "cosine_mean"
 
 
@@ -184,6 +264,7 @@ def evaluate_thresholds(
                 f"top-1 accuracy {metrics['accuracy']:.4f} is {100 * drop:.2f} points below the FP32 reference "
                 f"{metrics['reference_accuracy']:.4f}; allowed drop {100 * thresholds.max_accuracy_drop:.2f} points"
             )
+    failures += _task_failures(metrics, thresholds)
     if previous is None:
         notes.append("first version of this target: no previous release to compare with")
     elif task_metric in previous.metrics and thresholds.regression_tolerance is not None:
@@ -198,17 +279,68 @@ def evaluate_thresholds(
     return failures, notes
 
 
+# (metric, its label, the floor, the allowed drop versus the reference, the per-class prefix, per-class floor, per-class drop)
+TASK_CHECKS = (
+    ("map", "COCO mAP@[.5:.95]", "min_map", "max_map_drop", "ap.", "min_class_ap", "max_class_ap_drop"),
+    ("miou", "mIoU", "min_miou", "max_miou_drop", "iou.", "min_class_iou", "max_class_iou_drop"),
+)
+
+
+def _task_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
+    failures = []
+    for name, label, floor_field, drop_field, prefix, class_floor_field, class_drop_field in TASK_CHECKS:
+        if name not in metrics:
+            continue
+        value, reference = metrics[name], metrics[f"reference_{name}"]
+        floor, drop = getattr(thresholds, floor_field), getattr(thresholds, drop_field)
+        if floor is not None and value < floor:
+            failures.append(f"{label} {value:.4f} < threshold {floor:.4f} (PyTorch FP32 reference {reference:.4f})")
+        if drop is not None and reference - value > drop:
+            failures.append(
+                f"{label} {value:.4f} is {100 * (reference - value):.2f} points below the FP32 reference {reference:.4f}; "
+                f"allowed drop {100 * drop:.2f} points"
+            )
+        per_class = {key.removeprefix(prefix): v for key, v in metrics.items() if key.startswith(prefix)}
+        class_floor, class_drop = getattr(thresholds, class_floor_field), getattr(thresholds, class_drop_field)
+        if class_floor is not None:
+            low = [f"{c} {v:.4f}" for c, v in per_class.items() if v < class_floor]
+            if low:
+                failures.append(
+                    f"per-class {prefix[:-1].upper()} below the floor {class_floor:.4f} ({class_floor_field}): " + ", ".join(low)
+                )
+        if class_drop is not None:
+            dropped = [
+                f"{c} {v:.4f} (reference {metrics[f'reference_{prefix}{c}']:.4f})"
+                for c, v in per_class.items()
+                if metrics.get(f"reference_{prefix}{c}", v) - v > class_drop
+            ]
+            if dropped:
+                failures.append(
+                    f"per-class {prefix[:-1].upper()} more than {100 * class_drop:.2f} points below the FP32 reference "
+                    f"({class_drop_field}): " + ", ".join(dropped)
+                )
+    if thresholds.min_agreement_map is not None and metrics.get("agreement_map", 1.0) < thresholds.min_agreement_map:
+        failures.append(
+            f"mAP against the FP32 reference's detections {metrics['agreement_map']:.4f} < threshold {thresholds.min_agreement_map:.4f}"
+        )
+    if thresholds.min_pixel_agreement is not None and metrics.get("pixel_agreement", 1.0) < thresholds.min_pixel_agreement:
+        failures.append(
+            f"pixel agreement with the FP32 reference {metrics['pixel_agreement']:.4f} < threshold {thresholds.min_pixel_agreement:.4f}"
+        )
+    return failures
+
+
 def gate_target(
     spec: ModelSpec,
     target: Target,
     tag: str,
     runner: Runner,
     evalset: EvalSet,
-    reference: dict[str, np.ndarray],
+    reference: Outputs,
     previous: PreviousRelease | None = None,
 ) -> GateResult:
     outputs = run_eval(spec, runner, evalset)
-    metrics = compute_metrics(spec, outputs, reference, evalset.labels)
+    metrics = compute_metrics(spec, outputs, reference, evalset.labels, evalset.truth)
     metrics.update(measure_latency(spec, runner, evalset))
     thresholds = effective_thresholds(spec, target)
     task_metric = task_metric_name(spec, metrics)

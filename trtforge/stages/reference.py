@@ -1,4 +1,8 @@
-"""The PyTorch FP32 reference outputs on the eval set: computed once per (checkpoint, eval set, spec model)."""
+"""The PyTorch FP32 reference outputs on the eval set: computed once per (checkpoint, eval set, spec model, task).
+
+Saved as an .npz: one array per output name, or for detection ``<image>/<output>`` per image
+(``trtforge.outputs``), so padded and ragged NMS outputs are never concatenated.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from pydantic import BaseModel
 from trtforge.evalset import eval_batch_size, load_eval_set
 from trtforge.hashing import sha256_file, sha256_text
 from trtforge.modelload import load_model
+from trtforge.outputs import Outputs, collect_outputs, outputs_from_arrays, save_outputs
 from trtforge.safeio import atomic_writer, load_arrays
 from trtforge.spec import ModelSpec
+
+STAGE = "reference"
 
 
 class ReferenceResult(BaseModel):
@@ -21,26 +28,34 @@ class ReferenceResult(BaseModel):
 
 
 def reference_outputs(spec: ModelSpec, checkpoint: Path, cache_dir: Path) -> ReferenceResult:
-    """Run the PyTorch model in FP32 over the eval set; outputs saved as .npz keyed by output name."""
+    """Run the PyTorch model in FP32 over the eval set and save its outputs."""
     import torch
 
-    key = sha256_text(sha256_file(checkpoint), sha256_file(spec.eval.data), spec.model, repr(sorted(spec.model_kwargs.items())))
+    key = sha256_text(
+        sha256_file(checkpoint), sha256_file(spec.eval.data), spec.model, repr(sorted(spec.model_kwargs.items())), spec.eval.task.value
+    )
     path = cache_dir / f"reference-{key[:24]}.npz"
     if path.is_file():
         return ReferenceResult(path=path, key=key, cached=True)
     evalset = load_eval_set(spec)
     model = load_model(spec, checkpoint)
-    collected: dict[str, list[np.ndarray]] = {o.name: [] for o in spec.outputs}
+
+    def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = model(*(torch.from_numpy(batch[i.name]) for i in spec.inputs))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {spec_out.name: _as_numpy(value) for spec_out, value in zip(spec.outputs, outs)}
+
     with torch.no_grad():
-        for batch in evalset.batches(eval_batch_size(spec)):
-            out = model(*(torch.from_numpy(batch[i.name]) for i in spec.inputs))
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            for spec_out, value in zip(spec.outputs, outs):
-                collected[spec_out.name].append(value.float().numpy())
+        outputs = collect_outputs(spec, evalset.batches(eval_batch_size(spec)), call, STAGE)
     with atomic_writer(path) as handle:
-        np.savez(handle, **{name: np.concatenate(parts) for name, parts in collected.items()})
+        save_outputs(outputs, handle)
     return ReferenceResult(path=path, key=key, cached=False)
 
 
-def load_reference(result: ReferenceResult) -> dict[str, np.ndarray]:
-    return load_arrays(result.path, what="reference outputs")
+def _as_numpy(value) -> np.ndarray:
+    """Floating outputs in FP32 (what the reference is); integer ones (class indices, counts) as they are."""
+    return (value.float() if value.is_floating_point() else value).numpy()
+
+
+def load_reference(result: ReferenceResult) -> Outputs:
+    return outputs_from_arrays(load_arrays(result.path, what="reference outputs"))
