@@ -28,7 +28,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
-from trtforge.hashing import code_version
+from trtforge.lineage import RunInputs, published_version
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import RouteKind, route_target
@@ -143,7 +143,7 @@ def retrain_to_engine(
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
 
     ckpt = run_step(summary, ensure_checkpoint_task, spec, Path(checkpoint) if checkpoint else None)
-    existing = store.find_by_lineage(spec.name, ckpt.sha256, spec.sha256())
+    existing, inputs = published_version(store, spec, ckpt.path)
     if existing is not None:
         logger.info("up to date: version %d", existing)
         return summary.model_copy(
@@ -152,7 +152,7 @@ def retrain_to_engine(
 
     staging = Staging(store, spec.name, run_id)
     try:
-        _build_and_publish(spec, spec_path, ckpt, store, uri, artifacts, run_id, summary)
+        _build_and_publish(spec, spec_path, ckpt, inputs, store, uri, artifacts, run_id, summary)
     except TrtforgeError as err:
         summary.message = summary.message or str(err)
         raise
@@ -162,7 +162,7 @@ def retrain_to_engine(
     return summary
 
 
-def _build_and_publish(spec, spec_path, ckpt, store, uri, artifacts, run_id, summary: RunSummary) -> None:
+def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, artifacts, run_id, summary: RunSummary) -> None:
     logger = get_run_logger()
     work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{spec.sha256()[:16]}"
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
@@ -234,7 +234,9 @@ def _build_and_publish(spec, spec_path, ckpt, store, uri, artifacts, run_id, sum
         "exported_onnx_sha256": exported.sha256,
         "spec_sha256": spec.sha256(),
         "calibration_sha256": calibration_sha256,
-        "code_version": code_version(),
+        "code_version": inputs.code_version,
+        "inputs_sha256": inputs.digest,
+        "inputs": inputs.model_dump(mode="json"),
     }
     extra = {
         "run_id": run_id,

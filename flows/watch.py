@@ -33,7 +33,7 @@ from trtforge.tasks.watch import local_checkpoint_task, newest_checkpoint_task, 
 
 from trtforge.ci import read_run_report, write_run_report
 from trtforge.errors import RunFailed, SpecError, TrtforgeError
-from trtforge.hashing import sha256_file
+from trtforge.lineage import published_version
 from trtforge.registry import open_registry
 from trtforge.spec import ModelSpec, load_spec
 from trtforge.stages.publish import registry_uri
@@ -69,8 +69,8 @@ def _build_if_new(spec: ModelSpec, spec_path: str, checkpoint: str | None, uri: 
             retrain_into_task(spec, artifacts / "retrained" / spec.name)
         checkpoint = newest_checkpoint_task(spec).uri
     local = local_checkpoint_task(checkpoint, artifacts / "checkpoints" / spec.name)
-    checkpoint_sha256 = sha256_file(local)
-    existing = open_registry(uri).find_by_lineage(spec.name, checkpoint_sha256, spec.sha256())
+    existing, inputs = published_version(open_registry(uri), spec, local)
+    checkpoint_sha256 = inputs.checkpoint_sha256
     if existing is not None:
         logger.info("up to date: version %d (checkpoint %s, sha256 %s)", existing, checkpoint, checkpoint_sha256[:12])
         return RunSummary(

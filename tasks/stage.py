@@ -19,7 +19,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from trtforge.hashing import code_version, sha256_file, sha256_text
+from trtforge.hashing import sha256_file, sha256_text
+from trtforge.lineage import full_code_version, model_code_sha256
 from trtforge.spec import ModelSpec
 from trtforge.stages.runner import Stage, run_stage
 from trtforge.summary import RunSummary, StageTiming
@@ -27,7 +28,8 @@ from trtforge.summary import RunSummary, StageTiming
 
 def _fingerprint(value: Any) -> str:
     if isinstance(value, ModelSpec):
-        return value.sha256()
+        # The model's code decides what export makes as much as the spec does.
+        return value.sha256() + model_code_sha256(value)
     if isinstance(value, BaseModel):
         digest = getattr(value, "sha256", None)
         return digest if isinstance(digest, str) else value.model_dump_json()
@@ -37,8 +39,8 @@ def _fingerprint(value: Any) -> str:
 
 
 def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn``: task name + code version + a fingerprint of every parameter."""
-    parts = [context.task.name, code_version()]
+    """Prefect ``cache_key_fn``: task name + trtforge's code (library, tasks, flows) + a fingerprint of every parameter."""
+    parts = [context.task.name, full_code_version()]
     parts += [f"{name}={_fingerprint(value)}" for name, value in sorted(parameters.items())]
     return sha256_text(*parts)
 

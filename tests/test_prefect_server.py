@@ -238,11 +238,21 @@ def stack(prefect_server, digits_checkpoint):
 
 
 def trigger(wait: bool = True, **parameters):
-    """A manual run of the deployment (its own parameters unless overridden)."""
+    """A manual run of the deployment (its own parameters unless overridden), with the id its summary is stored under."""
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(DEPLOYMENT, parameters=parameters, timeout=0, as_subflow=False)
-    return finish(flow_run.id) if wait else flow_run
+    report_id = uuid.uuid4().hex
+    flow_run = run_deployment(DEPLOYMENT, parameters={**parameters, "report_id": report_id}, timeout=0, as_subflow=False)
+    return (finish(flow_run.id) if wait else flow_run), report_id
+
+
+def run_summary(registry: str, report_id: str):
+    """What the run returned, as it stored it in the registry: data to assert on, never its log lines."""
+    from trtforge.ci import read_run_report
+
+    summary = read_run_report(open_registry(registry), "digits-cnn", report_id)
+    assert summary is not None, f"the run left no summary under {report_id}"
+    return summary
 
 
 def finish(flow_run_id, timeout: float = 300):
@@ -259,13 +269,21 @@ def finish(flow_run_id, timeout: float = 300):
 
 
 def run_log(flow_run_id) -> str:
-    """Everything the run logged to the API (its own lines and its tasks')."""
+    """Everything the run has logged to the API so far (its own lines and its tasks')."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
     return "\n".join(log.message for log in logs)
+
+
+def wait_for_log(flow_run_id, text: str, timeout: float = 120) -> None:
+    """Log lines reach the server in batches after the run ends: poll for ``text`` up to a deadline."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := run_log(flow_run_id)):
+        assert time.monotonic() < deadline, f"{text!r} not logged by flow run {flow_run_id} within {timeout:.0f} s:\n{log}"
+        time.sleep(1)
 
 
 def trtforge_ci(stack: Stack, *args: str) -> subprocess.CompletedProcess:
@@ -280,18 +298,20 @@ def test_triggered_deployment_builds_a_new_checkpoint_then_is_up_to_date(stack, 
     checkpoint = stack.incoming / "digits-1.safetensors"
     shutil.copy(digits_checkpoint, checkpoint)
 
-    first = trigger()
+    first, first_report = trigger()
     assert first.state.is_completed(), f"{first.state.name}: {first.state.message}\n{run_log(first.id)}"
     registry = open_registry(stack.registry)
     assert registry.versions("digits-cnn") == [1]
     assert registry.manifest("digits-cnn", 1).lineage.checkpoint_sha256 == sha256_file(checkpoint)
-    assert "digits-1.safetensors" in run_log(first.id) and "building" in run_log(first.id)
+    built = run_summary(stack.registry, first_report)
+    assert built.published and built.version == 1 and not built.up_to_date
+    wait_for_log(first.id, "digits-1.safetensors")
 
-    second = trigger()
+    second, second_report = trigger()
     assert second.state.is_completed(), second.state.message
-    log = run_log(second.id)
-    assert "up to date: version 1" in log
-    assert "building" not in log
+    again = run_summary(stack.registry, second_report)
+    assert again.up_to_date and again.version == 1 and not again.published
+    assert again.message == "up to date: version 1"
     assert registry.versions("digits-cnn") == [1]
 
 
@@ -331,7 +351,7 @@ def test_interval_schedule_fires_a_run(stack):
     done = finish(fired.id)
     assert done.state.is_completed(), f"{done.state.name}: {done.state.message}"
     assert done.auto_scheduled
-    assert "newest checkpoint" in run_log(done.id)
+    wait_for_log(done.id, "newest checkpoint")
 
 
 def test_ci_on_the_deployment_publishes_the_digits_example(stack, digits_checkpoint):
@@ -411,13 +431,12 @@ def test_ci_on_the_deployment_with_a_degraded_checkpoint_fails_and_publishes_not
 def test_two_triggers_for_one_checkpoint_at_once_publish_one_version(stack):
     registry = stack.fresh_registry()
     runs = [trigger(wait=False, registry=registry) for _ in range(2)]
-    done = [finish(run.id) for run in runs]
+    done = [finish(run.id) for run, _ in runs]
     assert all(run.state.is_completed() for run in done), [run.state.message for run in done]
     assert max(run.start_time for run in done) < min(run.end_time for run in done), "the two runs did not overlap"
     assert open_registry(registry).versions("digits-cnn") == [1]
-    logs = sorted(run_log(run.id) for run in done)
-    assert sum("up to date: version 1" in log for log in logs) == 1
-    assert sum("building" in log for log in logs) == 1
+    summaries = [run_summary(registry, report_id) for _, report_id in runs]
+    assert sorted((s.published, s.up_to_date, s.version) for s in summaries) == [(False, True, 1), (True, False, 1)]
 
 
 def test_ci_in_process_uses_the_server_and_reports_up_to_date_or_a_missing_checkpoint(stack):

@@ -40,6 +40,7 @@ def lineage(checkpoint: str = "c", spec: str = "s") -> dict[str, str]:
         "onnx_sha256": hashlib.sha256(b"onnx").hexdigest(),
         "calibration_sha256": None,
         "code_version": "0.1.0",
+        "inputs_sha256": hashlib.sha256(f"{checkpoint}|{spec}".encode()).hexdigest(),
     }
 
 
@@ -107,7 +108,7 @@ def test_each_role_works_alone_and_reading_never_writes(registry_uri, tmp_path):
     assert reader.models() == [MODEL]
     assert (reader.versions(MODEL), reader.aliases(MODEL), reader.resolve(MODEL, alias="prod")) == ([1], {"latest": 1, "prod": 1}, 1)
     assert reader.manifest(MODEL, 1) == manifest
-    assert reader.find_by_lineage(MODEL, lineage("first")["checkpoint_sha256"], lineage()["spec_sha256"]) == 1
+    assert reader.find_by_lineage(MODEL, lineage("first")["inputs_sha256"]) == 1
     assert reader.alias_history(MODEL, "prod").version == 1
     assert reader.describe(MODEL).versions[0].version == 1
     assert reader.get_timing_cache("trt11.4-sm90") == b"cache"
@@ -125,9 +126,9 @@ def test_versions_aliases_and_lineage(registry_uri, tmp_path):
 
     assert registry.versions(MODEL) == [1, 2]
     assert registry.resolve(MODEL) == 2
-    assert registry.find_by_lineage(MODEL, lineage("first")["checkpoint_sha256"], lineage()["spec_sha256"]) == 1
-    assert registry.find_by_lineage(MODEL, lineage("second")["checkpoint_sha256"], lineage()["spec_sha256"]) == 2
-    assert registry.find_by_lineage(MODEL, lineage("third")["checkpoint_sha256"], lineage()["spec_sha256"]) is None
+    assert registry.find_by_lineage(MODEL, lineage("first")["inputs_sha256"]) == 1
+    assert registry.find_by_lineage(MODEL, lineage("second")["inputs_sha256"]) == 2
+    assert registry.find_by_lineage(MODEL, lineage("third")["inputs_sha256"]) is None
 
     registry.promote(MODEL, 1, "prod")
     assert registry.aliases(MODEL) == {"latest": 2, "prod": 1, "staging": 2}

@@ -107,6 +107,24 @@ def _pipeline_flow(module: str, name: str, command: str):
     return flow
 
 
+def _already_published(spec, checkpoint: Path, registry: str | None):
+    """The run's summary when a published version has exactly these inputs: decided before any Prefect server starts."""
+    from trtforge.lineage import published_version
+    from trtforge.registry import open_registry
+    from trtforge.stages.publish import registry_uri
+    from trtforge.summary import RunSummary
+
+    if not Path(checkpoint).is_file():
+        return None
+    uri = registry_uri(spec, registry)
+    version, _ = published_version(open_registry(uri), spec, Path(checkpoint))
+    if version is None:
+        return None
+    return RunSummary(
+        model=spec.name, registry=uri, version=version, up_to_date=True, passed=True, message=f"up to date: version {version}"
+    )
+
+
 def _fail(message: str) -> None:
     """End a command that printed its results but failed: one ``error:`` line on stderr, exit code 1."""
     typer.echo(f"error: {message}", err=True)
@@ -140,23 +158,24 @@ def run(
     from trtforge.report import markdown_summary
     from trtforge.spec import load_spec
 
-    load_spec(spec)  # fail on a bad spec before starting Prefect
-    # The embedded API server starts in a subprocess; on a busy 2-core machine Prefect's
-    # 20 s default is not always enough.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    retrain_to_engine = _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run")
-    try:
-        summary = retrain_to_engine(
-            spec_path=str(spec), checkpoint=str(checkpoint) if checkpoint else None, registry=registry, artifacts_dir=str(artifacts)
-        )
-        failed = None
-    except RunFailed as err:
-        summary, failed = err.summary, err
-    except RuntimeError as err:
-        if "Prefect API" not in str(err):
-            raise
-        raise TrtforgeError(f"{err}; set PREFECT_API_URL to a running server or retry when the machine is less busy") from None
+    loaded = load_spec(spec)  # fail on a bad spec before starting Prefect
+    summary, failed = _already_published(loaded, checkpoint or loaded.checkpoint, registry), None
+    if summary is None:
+        # The embedded API server starts in a subprocess; on a busy 2-core machine Prefect's
+        # 20 s default is not always enough.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        retrain_to_engine = _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run")
+        try:
+            summary = retrain_to_engine(
+                spec_path=str(spec), checkpoint=str(checkpoint) if checkpoint else None, registry=registry, artifacts_dir=str(artifacts)
+            )
+        except RunFailed as err:
+            summary, failed = err.summary, err
+        except RuntimeError as err:
+            if "Prefect API" not in str(err):
+                raise
+            raise TrtforgeError(f"{err}; set PREFECT_API_URL to a running server or retry when the machine is less busy") from None
     if summary_file is not None:
         with open(summary_file, "a") as handle:
             handle.write(markdown_summary(summary))
@@ -220,6 +239,8 @@ def ci_command(
             _for_worker(uri),
             on_started=lambda line: typer.echo(line, err=True),
         )
+    elif "://" not in checkpoint and (published := _already_published(loaded, Path(checkpoint), uri)) is not None:
+        summary = published
     else:
         watch = _pipeline_flow("watch", "watch", "ci")
         try:

@@ -66,7 +66,7 @@ class TargetEntry(_Frozen):
 
 
 class Lineage(BaseModel):
-    """Where a version came from; the five named hashes are what ``find_by_lineage`` and audits use."""
+    """Where a version came from: the named hashes are for audits; ``inputs_sha256`` is what ``find_by_lineage`` matches."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
@@ -75,6 +75,9 @@ class Lineage(BaseModel):
     spec_sha256: str | None = None
     calibration_sha256: str | None = None
     code_version: str | None = None
+    # The digest of every input that decides the engines (trtforge.lineage.RunInputs), and those inputs.
+    inputs_sha256: str | None = None
+    inputs: dict[str, Any] | None = None
 
 
 class Manifest(_Frozen):

@@ -161,11 +161,10 @@ class RegistryReader:
             )
         return target
 
-    def find_by_lineage(self, model: str, checkpoint_sha256: str, spec_sha256: str) -> int | None:
-        """The newest complete version built from this checkpoint and spec, or None."""
+    def find_by_lineage(self, model: str, inputs_sha256: str) -> int | None:
+        """The newest complete version built from exactly these inputs (``trtforge.lineage.RunInputs.digest``), or None."""
         for version in reversed(self.versions(model)):
-            lineage = self.manifest(model, version).lineage
-            if lineage.checkpoint_sha256 == checkpoint_sha256 and lineage.spec_sha256 == spec_sha256:
+            if self.manifest(model, version).lineage.inputs_sha256 == inputs_sha256:
                 return version
         return None
 
