@@ -7,14 +7,13 @@ defined here, and nothing in trtforge knows its name.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pytest
 
-from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, get_backend, register_backend, target_tag
+from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, get_backend, register_backend, target_tag, wall_clock_ms
 from trtforge.errors import SpecError
 from trtforge.hashing import sha256_file
 from trtforge.safeio import atomic_copy, load_onnx_safely
@@ -44,12 +43,7 @@ class ReferenceEvaluatorRunner:
         return dict(zip(self.output_names, outputs))
 
     def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
-        times = []
-        for _ in range(iterations):
-            started = time.perf_counter()
-            self.run(feeds)
-            times.append((time.perf_counter() - started) * 1000)
-        return times
+        return wall_clock_ms(lambda: self.run(feeds), warmup=warmup, iterations=iterations)
 
     def close(self) -> None:
         self.evaluator = None

@@ -9,6 +9,8 @@ its backend object, registered together with ``register_backend``; targets name 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +79,19 @@ class Backend(Protocol):
 
     def timing_cache_key(self, target: Target) -> str | None:
         """The registry key of the build-tuning cache that builds of ``target`` share, or None where the backend has none."""
+
+
+def wall_clock_ms(run: Callable[[], object], *, warmup: int, iterations: int) -> list[float]:
+    """Milliseconds of each of ``iterations`` calls of ``run`` after ``warmup`` untimed ones: the timer of runners
+    whose call is the whole inference (CPU runtimes), where no device keeps working after it returns."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 _BACKENDS: dict[str, Backend] = {}

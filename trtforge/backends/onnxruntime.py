@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend, target_tag
+from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend, target_tag, wall_clock_ms
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.numeric import onnxruntime_session
@@ -46,15 +46,7 @@ class OnnxRuntimeRunner:
         return dict(zip(self.output_names, outputs))
 
     def time_ms(self, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int) -> list[float]:
-        """Wall-clock milliseconds per call: on a CPU the call is the whole inference."""
-        for _ in range(warmup):
-            self.run(feeds)
-        times = []
-        for _ in range(iterations):
-            started = time.perf_counter()
-            self.run(feeds)
-            times.append((time.perf_counter() - started) * 1000)
-        return times
+        return wall_clock_ms(lambda: self.run(feeds), warmup=warmup, iterations=iterations)
 
     def close(self) -> None:
         self.session = None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtforge.onnxfacts import constant_value, subgraphs
 from trtforge.stages.check_ops.report import DEFAULT_DOMAINS
 
 # Constant values are read only to check small inputs (zero points, K, flags); a larger
@@ -58,7 +58,7 @@ class Scope:
                 if output:
                     self.producers[output] = node
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output:
-                tensor = constant_node_tensor(node)
+                tensor = constant_value(node)
                 if tensor is not None:
                     self.constants[node.output[0]] = tensor
             # TensorRT's parser passes weights through Identity unchanged, so they stay initializers.
@@ -115,32 +115,6 @@ def _is_default_op(node, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in DEFAULT_DOMAINS
 
 
-def constant_node_tensor(node):
-    from onnx import TensorProto, helper
-
-    for attribute in node.attribute:
-        if attribute.name == "value":
-            return attribute.t
-        if attribute.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            value = helper.get_attribute_value(attribute)
-            is_float = attribute.name.startswith("value_float")
-            dims = [] if attribute.name in ("value_float", "value_int") else [len(value)]
-            values = value if isinstance(value, list) else [value]
-            return helper.make_tensor(node.output[0], TensorProto.FLOAT if is_float else TensorProto.INT64, dims, values)
-    return None
-
-
-def subgraphs(node) -> Iterator[tuple[str, Any]]:
-    from onnx import AttributeProto
-
-    for attribute in node.attribute:
-        if attribute.type == AttributeProto.GRAPH:
-            yield attribute.name, attribute.g
-        elif attribute.type == AttributeProto.GRAPHS:
-            for index, graph in enumerate(attribute.graphs):
-                yield f"{attribute.name}[{index}]", graph
-
-
 def used_names(graph) -> set[str]:
     used = {o.name for o in graph.output}
     for node in graph.node:
@@ -166,13 +140,6 @@ class FunctionGraph:
         self.input: list[Any] = []
         self.output: list[Any] = []
         self.value_info: list[Any] = []
-
-
-def default_opset(model) -> int | None:
-    for entry in model.opset_import:
-        if entry.domain in DEFAULT_DOMAINS:
-            return entry.version
-    return None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from trtforge.onnxfacts import imported_domains
 from trtforge.safeio import STANDARD_DOMAINS, OnnxModelError, load_onnx_safely
-
-LARGE_INITIALIZER_BYTES = 1 << 16
 
 
 def load_model(path: Path, plugins: Sequence[str]):
@@ -36,29 +34,4 @@ def _custom_domains(path: Path) -> set[str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return set()
-    imports = list(model.opset_import) + [entry for function in model.functions for entry in function.opset_import]
-    return {entry.domain for entry in imports} - STANDARD_DOMAINS
-
-
-def infer_types(model) -> tuple[Any, str | None]:
-    """The model with inferred value types, and a note when inference failed (the declared types are all there is)."""
-    import onnx
-
-    # Shape inference needs the values of small constants only; handing it hundreds of MB of
-    # weights costs seconds of copying, so large initializers go in as data-less placeholders.
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for tensor in light.graph.initializer:
-        if len(tensor.raw_data) > LARGE_INITIALIZER_BYTES:
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            placeholder = tensor.external_data.add()
-            placeholder.key, placeholder.value = "location", "(not read for shape inference)"
-    try:
-        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True), None
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return (
-            model,
-            f"shape inference failed ({first}); element types and ranks come only from what the model declares",
-        )
+    return imported_domains(model) - STANDARD_DOMAINS

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trtforge.stages.check_ops.graph import Scope, attribute_value, has_attribute, input_of, subgraphs
+from trtforge.onnxfacts import subgraphs
+from trtforge.stages.check_ops.graph import Scope, attribute_value, has_attribute, input_of
 from trtforge.stages.check_ops.report import Status
 
 FOLD_FIX = (

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trtforge.errors import StageError
-from trtforge.stages.check_ops.graph import default_opset
+from trtforge.onnxfacts import default_opset
 from trtforge.stages.check_ops.loader import load_model
 from trtforge.stages.check_ops.parser import NOT_INSTALLED, merge_parser_result, parser_unavailable_reason, run_parser
 from trtforge.stages.check_ops.report import STAGE, CompatibilityReport, Source, summarize

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.errors import StageError
-from trtforge.stages.check_ops.graph import FunctionGraph, Scope, default_opset, node_name, schema_of, subgraphs, used_names
-from trtforge.stages.check_ops.loader import infer_types
+from trtforge.onnxfacts import default_opset, infer_types, subgraphs
+from trtforge.stages.check_ops.graph import FunctionGraph, Scope, node_name, schema_of, used_names
 from trtforge.stages.check_ops.report import DEFAULT_DOMAINS, SEVERITY, STAGE, NodeReport, Status
 from trtforge.stages.check_ops.rules import CONFIRM_FIX, RULES, Finding
 from trtforge.stages.check_ops.table import OperatorTable
