@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,17 @@ class _NaNRunner:
         out = np.zeros((len(feeds["input"]), 10), np.float32)
         out[0, 0] = np.nan
         return {"logits": out}
+
+    def time_ms(self, feeds, *, warmup, iterations):
+        times = []
+        for _ in range(warmup + iterations):
+            started = time.perf_counter()
+            self.run(feeds)
+            times.append((time.perf_counter() - started) * 1000)
+        return times[warmup:]
+
+    def close(self):
+        pass
 
 
 def test_non_finite_outputs_fail_the_gate(digits_spec, digits_checkpoint, tmp_path):
