@@ -365,3 +365,51 @@ def test_export_tolerance_is_relative_to_the_output_magnitude(digits_spec, digit
     assert "output 'logits' at the " in message and ", element (" in message
     assert "relative " in message and "the output's values reach " in message
     assert "non-deterministic" not in message
+
+
+TWO_OUTPUT_MODEL = """
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y, y.softmax(1)
+
+
+def build():
+    return Twice()
+"""
+
+FAILING_MODEL = """
+class WrongWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def build():
+    return WrongWidth()
+"""
+
+
+@pytest.mark.parametrize(
+    "name, body, message",
+    [
+        ("twice", TWO_OUTPUT_MODEL, r"returns 2 outputs and the spec names 1 \(\['logits'\]\): list one name per output"),
+        ("wrong_width", FAILING_MODEL, r"failed on the spec's inputs at the opt shape: RuntimeError: mat1 and mat2 shapes cannot"),
+    ],
+)
+def test_outputs_that_do_not_fit_the_spec_are_named_before_export(digits_spec, tmp_path, name, body, message):
+    from trtforge.modelload import build_model
+
+    spec = digits_spec.model_copy(update={"model": write_model_file(tmp_path, name, body)})
+    checkpoint = tmp_path / f"{name}.safetensors"
+    save_file(build_model(spec).state_dict(), str(checkpoint))
+    with pytest.raises(StageError, match=message):
+        export_onnx(spec, checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists()

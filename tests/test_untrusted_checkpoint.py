@@ -210,3 +210,10 @@ def test_plain_weights_in_a_zip_format_file_still_load(inside, weights, digits_s
     model = load_model(digits_spec, good)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name])
+
+
+def test_a_checkpoint_that_is_not_a_dict_says_what_it_holds(inside, weights):
+    path = inside / "list.pt"
+    torch.save(list(weights.values()), path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} does not hold a state dict of tensors: it holds a list; convert it"):
+        read_state_dict(path)
