@@ -27,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -36,7 +36,7 @@ from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
 from trtforge.registry.storage import ObjectStore
-from trtforge.safeio import atomic_output, atomic_write_json, atomic_writer
+from trtforge.safeio import atomic_output, atomic_write_json
 
 CACHE_ENV = "TRTFORGE_CACHE_DIR"
 _ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
@@ -351,49 +351,28 @@ def _stat_record(stat: os.stat_result) -> dict[str, int]:
 
 # linux/fs.h: FICLONE = _IOW(0x94, 9, int), share the source's extents (btrfs, XFS, bcachefs).
 _FICLONE = 0x40049409
-_COPY_BLOCK = 16 << 20
 
 
 def place(blob: Path, dest: Path) -> None:
     """Put a copy of a cached file at ``dest`` atomically: a reflink where the filesystem has them,
     else an in-kernel copy. Never a hard link: an edit of the pulled file would edit the cache."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(blob, "rb") as source, atomic_writer(dest) as handle:
-        if not _reflink(source, handle):
-            _copy_into(source, handle)
+    with atomic_output(dest) as partial:
+        if not _reflink(blob, partial):
+            shutil.copyfile(blob, partial)
 
 
-def _reflink(source: BinaryIO, handle: BinaryIO) -> bool:
+def _reflink(blob: Path, partial: Path) -> bool:
     try:
         import fcntl
     except ImportError:
         return False
-    try:
-        fcntl.ioctl(handle.fileno(), _FICLONE, source.fileno())
-    except OSError:
-        return False
+    with open(blob, "rb") as source, open(partial, "wb") as target:
+        try:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
+        except OSError:
+            return False
     return True
-
-
-def _copy_into(source: BinaryIO, handle: BinaryIO) -> None:
-    size = os.fstat(source.fileno()).st_size
-    copy_range = getattr(os, "copy_file_range", None)
-    copied = 0
-    try:
-        while copy_range is not None and copied < size:
-            step = copy_range(source.fileno(), handle.fileno(), size - copied, copied, copied)
-            if step == 0:
-                raise RegistryError(f"the cached file {source.name} shrank while it was copied to {handle.name}; pull again")
-            copied += step
-    except OSError:
-        # No copy_file_range between these filesystems (or on this kernel): copy through user space.
-        copied = 0
-    if copied == size:
-        return
-    source.seek(0)
-    handle.seek(0)
-    handle.truncate()
-    shutil.copyfileobj(source, handle, _COPY_BLOCK)
 
 
 class PulledFile(BaseModel):
