@@ -82,14 +82,15 @@ def _stage_failure(err: TrtforgeError, default: Stage) -> str:
     return message if message.startswith(f"{stage}: ") else f"{stage}: {message}"
 
 
-def _check_compatibility(spec: ModelSpec, onnx_path: Path, summary: RunSummary) -> None:
-    """Once per distinct TensorRT version among the targets; unsupported nodes stop the run here."""
+def _check_compatibility(spec: ModelSpec, onnx_path: Path, summary: RunSummary, graph: str) -> None:
+    """The graph ``graph`` names against TensorRT, when a target is a TensorRT one; unsupported nodes raise."""
     if not any(t.backend == "tensorrt" for t in spec.targets):
         return
     trt_version = get_backend("tensorrt").runtime_version()
     report = run_step(summary, check_ops_task, onnx_path, list(spec.plugins), trt_version, spec.isolation)
     summary.compatibility.append(
         CompatibilitySummary(
+            graph=graph,
             source=report.source,
             tensorrt_version=report.tensorrt_version,
             nodes=report.summary.nodes,
@@ -167,13 +168,16 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{spec.sha256()[:16]}"
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
     simplified = run_step(summary, simplify_task, spec, exported, work_dir)
-    _check_compatibility(spec, simplified.onnx_path, summary)
+    # The fp32 graph first, before anything is converted: what no precision can fix fails fast.
+    _check_compatibility(spec, simplified.onnx_path, summary, "fp32")
     calibration_sha256 = _validate_calibration(spec, summary.run_dir, summary)
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started = time.perf_counter()
     converted: dict[Precision, Path] = {}
     conversion_failures: dict[Precision, str] = {}
+    # TensorRT parses the converted graph (Q/DQ for int8/fp8, casts for fp16): each is checked once.
+    tensorrt_refusals: dict[Precision, str | None] = {Precision.FP32: None}
     pending, outcomes = [], []
     for index, target in enumerate(spec.targets):
         backend = get_backend(target.backend)
@@ -193,6 +197,16 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[target.precision]))
             continue
         onnx_path = converted[target.precision]
+        if target.backend == "tensorrt":
+            if target.precision not in tensorrt_refusals:
+                try:
+                    _check_compatibility(spec, onnx_path, summary, target.precision.value)
+                    tensorrt_refusals[target.precision] = None
+                except TrtforgeError as err:
+                    tensorrt_refusals[target.precision] = _stage_failure(err, Stage.CHECK_OPS)
+            if tensorrt_refusals[target.precision] is not None:
+                outcomes.append(_outcome(target, tag, TargetStatus.FAILED, tensorrt_refusals[target.precision]))
+                continue
         previous = previous_release(store, spec.name, tag, spec.compare_alias)
         if route.kind is RouteKind.LOCAL:
             future = build_and_gate_task.submit(spec, target, onnx_path, reference, work_dir / tag, previous, uri)

@@ -107,3 +107,18 @@ def test_run_that_fails_at_export_still_writes_its_report(tmp_path, digits_check
     assert report["published"] is False and report["message"] == str(caught.value)
     assert "not published" in (run_dir / "report.md").read_text() and "export" in (run_dir / "report.md").read_text()
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
+
+
+def test_each_converted_graph_a_tensorrt_target_builds_is_checked_q_dq_aware(tmp_path, digits_checkpoint, served_build_target):
+    # Routed to the served deployment, so it is converted and checked here; the worker has no TensorRT to build it.
+    tensorrt = {"backend": "tensorrt", "arch": "sm_90", "precision": "int8", "required": False, "work_pool": "test-builders"}
+    spec = write_spec(tmp_path / "spec", digits_checkpoint, targets=[FP32, tensorrt])
+    summary = run_flow(spec, tmp_path)
+    assert summary.published
+    checks = {c.graph: c for c in summary.compatibility}
+    assert list(checks) == ["fp32", "int8"]
+    assert checks["int8"].unsupported == 0 and checks["int8"].conditional == 0, (
+        "DequantizeLinear -> Conv is the int8 pattern, not a finding"
+    )
+    assert next(t for t in summary.targets if t.backend == "tensorrt").status.value == "failed"
+    assert "int8 graph" in (summary.run_dir / "report.md").read_text()

@@ -23,7 +23,6 @@ from trtforge.evalset import load_eval_set
 from trtforge.safeio import (
     atomic_copy,
     atomic_directory,
-    atomic_link,
     atomic_output,
     atomic_write_bytes,
     atomic_write_json,
@@ -207,16 +206,6 @@ def test_a_tool_writing_by_name_replaces_the_file_only_when_it_succeeds(tmp_path
         partial.write_bytes(b"new model")
     assert path.read_bytes() == b"new model"
     assert os.listdir(tmp_path) == ["model.onnx"]
-
-
-def test_atomic_link_shares_the_file_and_leaves_no_temp_even_when_already_linked(tmp_path):
-    blob = tmp_path / "cache" / "blob"
-    atomic_write_bytes(blob, b"engine")
-    dest = tmp_path / "out" / "engine.plan"
-    atomic_link(blob, dest)
-    assert os.path.samefile(blob, dest)
-    atomic_link(blob, dest)
-    assert os.listdir(dest.parent) == ["engine.plan"]
 
 
 def test_atomic_directory_appears_only_when_its_block_succeeds(tmp_path):

@@ -53,7 +53,7 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
         lines += ["", "### Stages", ""]
         lines += _table(["stage", "seconds", "detail"], [[s.stage.value, f"{s.seconds:.1f}", s.detail] for s in summary.stages])
     for check in summary.compatibility:
-        lines += ["", f"### Operator compatibility (TensorRT {check.tensorrt_version}, {check.source})", ""]
+        lines += ["", f"### Operator compatibility: {check.graph} graph (TensorRT {check.tensorrt_version}, {check.source})", ""]
         lines.append(f"{check.nodes} nodes: {check.supported} supported, {check.conditional} conditional, {check.unsupported} unsupported.")
         if check.flagged_op_types:
             lines += [""] + _table(

@@ -580,23 +580,6 @@ def atomic_copy(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def atomic_link(src: Path, dst: Path) -> Path:
-    """Replace ``dst`` with a hard link to ``src`` atomically (a copy, where the filesystem has no hard links)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(dst)
-    try:
-        try:
-            os.link(src, temp)
-        except OSError:
-            return atomic_copy(src, dst)
-        durable_replace(temp, dst)
-    finally:
-        # rename() of a hard link onto another link of the same file leaves the source in place.
-        temp.unlink(missing_ok=True)
-    return dst
-
-
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:

@@ -47,8 +47,9 @@ class FlaggedOpType(BaseModel):
 
 
 class CompatibilitySummary(BaseModel):
-    """One operator check: of one graph against one TensorRT version."""
+    """One operator check: of one graph (the fp32 one, or a converted precision's) against one TensorRT version."""
 
+    graph: str
     source: str
     tensorrt_version: str
     nodes: int
