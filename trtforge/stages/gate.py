@@ -286,6 +286,9 @@ TASK_CHECKS = (
 )
 
 
+CLASS_METRIC = {"ap.": "AP", "iou.": "IoU"}
+
+
 def _task_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
     failures = []
     for name, label, floor_field, drop_field, prefix, class_floor_field, class_drop_field in TASK_CHECKS:
@@ -306,7 +309,7 @@ def _task_failures(metrics: dict[str, float], thresholds: GateThresholds) -> lis
             low = [f"{c} {v:.4f}" for c, v in per_class.items() if v < class_floor]
             if low:
                 failures.append(
-                    f"per-class {prefix[:-1].upper()} below the floor {class_floor:.4f} ({class_floor_field}): " + ", ".join(low)
+                    f"per-class {CLASS_METRIC[prefix]} below the floor {class_floor:.4f} ({class_floor_field}): " + ", ".join(low)
                 )
         if class_drop is not None:
             dropped = [
@@ -316,7 +319,7 @@ def _task_failures(metrics: dict[str, float], thresholds: GateThresholds) -> lis
             ]
             if dropped:
                 failures.append(
-                    f"per-class {prefix[:-1].upper()} more than {100 * class_drop:.2f} points below the FP32 reference "
+                    f"per-class {CLASS_METRIC[prefix]} more than {100 * class_drop:.2f} points below the FP32 reference "
                     f"({class_drop_field}): " + ", ".join(dropped)
                 )
     if thresholds.min_agreement_map is not None and metrics.get("agreement_map", 1.0) < thresholds.min_agreement_map:
