@@ -1,0 +1,63 @@
+"""The shapes detector's data, made from fixed seeds: train, eval (held out) and calibration splits.
+
+``python detector_data.py`` (or the spec's ``train`` entry point) writes, under ``data/``:
+``eval.npz`` (``images`` [N, 3, 64, 64] in [0, 1] and ``image_ids``), ``instances.json`` (the
+eval split's boxes as COCO annotations) and ``calibration.npz`` (``images``, drawn apart from
+both other splits). The files are git-ignored: this script makes the same bytes everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from shapes_scenes import CLASSES, SIZE, Scene, make_scenes
+
+DATA = Path(__file__).resolve().parent / "data"
+# Disjoint seed ranges: no scene is in two splits.
+SPLITS = {"train": (0, 3000), "eval": (1_000_000, 300), "calibration": (2_000_000, 512)}
+
+
+def load_split(split: str) -> list[Scene]:
+    first, count = SPLITS[split]
+    return make_scenes(first, count)
+
+
+def coco_annotations(scenes: list[Scene]) -> dict:
+    annotations = []
+    for image_id, scene in enumerate(scenes, start=1):
+        for box, label in zip(scene.boxes, scene.labels):
+            x1, y1, x2, y2 = box.tolist()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": [{"id": i, "file_name": f"eval_{i:04d}.png", "width": SIZE, "height": SIZE} for i in range(1, len(scenes) + 1)],
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],
+    }
+
+
+def write_data(folder: Path = DATA) -> Path:
+    """Write the eval set, its COCO annotations and the calibration set (skipped when present)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "instances.json").is_file():
+        scenes = load_split("eval")
+        np.savez(folder / "eval.npz", images=np.stack([s.image for s in scenes]), image_ids=np.arange(1, len(scenes) + 1))
+        np.savez(folder / "calibration.npz", images=np.stack([s.image for s in load_split("calibration")]))
+        partial = folder / "instances.json.partial"
+        partial.write_text(json.dumps(coco_annotations(scenes)))
+        partial.replace(folder / "instances.json")
+    return folder
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_data()}")
