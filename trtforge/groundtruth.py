@@ -15,6 +15,7 @@ the file, the entry and what to change.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def _need_ids(spec: ModelSpec, sample_ids: np.ndarray | None, path: Path, kind: 
             "or name the array that has them in eval.sample_ids",
         )
     values = sample_ids.tolist()
-    duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
+    duplicates = sorted((v for v, n in Counter(values).items() if n > 1), key=str)
     if duplicates:
         raise SpecError(
             f"eval.data: {spec.eval.data}: array {spec.eval.sample_ids!r} names images {duplicates[:SHOWN_VALUES]} more than once: "
