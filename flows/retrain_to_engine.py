@@ -33,6 +33,7 @@ from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import RouteKind, route_target
 from trtforge.spec import ModelSpec, Precision, Target, load_spec
+from trtforge.stages.build import BuildRequest
 from trtforge.stages.gate import PreviousRelease
 from trtforge.stages.publish import registry_uri
 from trtforge.stages.runner import Stage, failed_stage
@@ -207,22 +208,19 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             if tensorrt_refusals[target.precision] is not None:
                 outcomes.append(_outcome(target, tag, TargetStatus.FAILED, tensorrt_refusals[target.precision]))
                 continue
-        previous = previous_release(store, spec.name, tag, spec.compare_alias)
+        request = BuildRequest(
+            spec_path=spec_path,
+            target_index=index,
+            onnx_path=onnx_path,
+            reference=reference,
+            work_dir=work_dir / (tag if route.kind is RouteKind.LOCAL else f"remote-{index}"),
+            previous=previous_release(store, spec.name, tag, spec.compare_alias),
+            registry=uri,
+        )
         if route.kind is RouteKind.LOCAL:
-            future = build_and_gate_task.submit(spec, target, onnx_path, reference, work_dir / tag, previous, uri)
+            future = build_and_gate_task.submit(request)
         else:
-            future = build_on_worker_task.submit(
-                route.deployment,
-                spec_path,
-                spec.name,
-                index,
-                uri,
-                run_id,
-                onnx_path,
-                reference,
-                work_dir / f"remote-{index}",
-                previous,
-            )
+            future = build_on_worker_task.submit(route.deployment, request, spec.name, run_id)
         pending.append((target, tag, future))
     for target, tag, future in pending:
         try:

@@ -1,14 +1,8 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from trtforge.tasks.stage import stage_task
 
-from trtforge.registry import open_registry
-from trtforge.spec import ModelSpec, Target
-from trtforge.stages.build import build_with_shared_timing_cache
-from trtforge.stages.gate import PreviousRelease
-from trtforge.stages.reference import ReferenceResult
+from trtforge.stages.build import BuildRequest, build_requested
 from trtforge.stages.runner import Stage
 from trtforge.summary import TargetOutcome, TargetStatus
 
@@ -20,15 +14,6 @@ def describe_outcome(outcome: TargetOutcome) -> str:
     return f"{outcome.tag} gate FAILED: {outcome.reason}"
 
 
-@stage_task(Stage.BUILD, describe=describe_outcome, task_run_name="build-and-gate-{target.backend}-{target.precision.value}")
-def build_and_gate_task(
-    spec: ModelSpec,
-    target: Target,
-    onnx_path: Path,
-    reference: ReferenceResult,
-    work_dir: Path,
-    previous: PreviousRelease | None = None,
-    registry: str | None = None,
-) -> TargetOutcome:
-    store = open_registry(registry) if registry else None
-    return build_with_shared_timing_cache(store, spec, target, onnx_path, reference, work_dir, previous)
+@stage_task(Stage.BUILD, describe=describe_outcome, task_run_name="build-and-gate-target-{request.target_index}")
+def build_and_gate_task(request: BuildRequest) -> TargetOutcome:
+    return build_requested(request)

@@ -14,8 +14,7 @@ from trtforge.tasks.stage import stage_task
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
-from trtforge.stages.gate import PreviousRelease
-from trtforge.stages.reference import ReferenceResult
+from trtforge.stages.build import BuildRequest
 from trtforge.stages.runner import Stage
 from trtforge.staging import Staging, target_slot
 from trtforge.summary import TargetOutcome
@@ -36,37 +35,25 @@ def deployment_problem(name: str) -> str | None:
 
 
 @stage_task(Stage.BUILD, describe=describe_outcome, task_run_name="build-on-worker-{deployment}")
-def build_on_worker_task(
-    deployment: str,
-    spec_path: str,
-    model: str,
-    target_index: int,
-    registry: str,
-    run_id: str,
-    onnx_path: Path,
-    reference: ReferenceResult,
-    work_dir: Path,
-    previous: PreviousRelease | None = None,
-) -> TargetOutcome:
-    staging = Staging(open_registry(registry), model, run_id)
-    onnx_sha256, reference_sha256 = sha256_file(onnx_path), sha256_file(reference.path)
+def build_on_worker_task(deployment: str, request: BuildRequest, model: str, run_id: str) -> TargetOutcome:
+    """Stage the request's files, run ``deployment`` on the staged request, and fetch the outcome it staged."""
+    staging = Staging(open_registry(request.registry), model, run_id)
+    onnx_sha256, reference_sha256 = sha256_file(request.onnx_path), sha256_file(request.reference.path)
     onnx_name = f"onnx-{onnx_sha256[:16]}.onnx"
-    staging.put(onnx_name, onnx_path)
-    staging.put("reference.npz", reference.path)
-    logger = get_run_logger()
-    logger.info("target %d: building on deployment %s", target_index, deployment)
-    flow_run = run_deployment(
-        deployment,
-        parameters={
-            "spec_path": spec_path,
-            "target_index": target_index,
-            "registry": registry,
-            "run_id": run_id,
-            "onnx_name": onnx_name,
+    staging.put(onnx_name, request.onnx_path)
+    staging.put("reference.npz", request.reference.path)
+    staged = request.model_copy(
+        update={
+            "onnx_path": Path(onnx_name),
+            "reference": request.reference.model_copy(update={"path": Path("reference.npz")}),
             "onnx_sha256": onnx_sha256,
             "reference_sha256": reference_sha256,
-            "previous": previous.model_dump() if previous else None,
-        },
+        }
+    )
+    get_run_logger().info("target %d: building on deployment %s", request.target_index, deployment)
+    flow_run = run_deployment(
+        deployment,
+        parameters={"request": staged.model_dump(mode="json"), "run_id": run_id},
         timeout=None,
         as_subflow=True,
     )
@@ -76,4 +63,4 @@ def build_on_worker_task(
             "build",
             f"deployment {deployment} run {flow_run.name} ended {state.name if state else 'without a state'}: {state.message if state else ''}",
         )
-    return staging.get_outcome(target_slot(target_index), work_dir)
+    return staging.get_outcome(target_slot(request.target_index), request.work_dir)

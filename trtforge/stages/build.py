@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from trtforge.backends.base import BuildOptions, BuiltEngine, get_backend
 from trtforge.evalset import load_eval_set
 from trtforge.isolation import run_isolated
+from trtforge.registry import open_registry
 from trtforge.safeio import atomic_write_bytes, atomic_write_json
-from trtforge.spec import ModelSpec, Target
+from trtforge.spec import ModelSpec, Target, load_spec
 from trtforge.stages.gate import PreviousRelease, gate_target
 from trtforge.stages.reference import ReferenceResult, load_reference
 from trtforge.summary import TargetOutcome, TargetStatus
@@ -61,6 +64,32 @@ def build_and_gate(
         record=built.record,
         files={"engine": built.engine_path, **built.extra_files, "gate.json": gate_json},
     )
+
+
+class BuildRequest(BaseModel):
+    """One target to build and gate: what the local build task, the GPU-worker task and the ``build-target``
+    deployment take (the deployment as JSON). The target is named by its spec file and index, so a worker
+    reads the same spec from its own checkout."""
+
+    spec_path: str
+    target_index: int
+    onnx_path: Path
+    reference: ReferenceResult
+    work_dir: Path
+    previous: PreviousRelease | None = None
+    registry: str | None = None
+    # Set when the ONNX and the reference outputs travel through the registry's staging area: the
+    # paths are then staging names, and the worker checks what it fetches against these.
+    onnx_sha256: str | None = None
+    reference_sha256: str | None = None
+
+
+def build_requested(request: BuildRequest) -> TargetOutcome:
+    """Build and gate the requested target, with the registry's shared timing cache where its backend has one."""
+    spec = load_spec(request.spec_path)
+    target = spec.targets[request.target_index]
+    registry = open_registry(request.registry) if request.registry else None
+    return build_with_shared_timing_cache(registry, spec, target, request.onnx_path, request.reference, request.work_dir, request.previous)
 
 
 def build_with_shared_timing_cache(
