@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,10 +18,13 @@ import torch
 from tests.conftest import REPO
 from tests.flow_harness import write_spec
 
+# One Prefect home for the module: a new one costs each run its database migrations.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="trtforge-cli-errors-prefect-"))
+
 
 def trtforge(*args: str, tmp_path: Path, debug: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRTFORGE_"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = str(PREFECT_HOME)
     if debug:
         env["TRTFORGE_DEBUG"] = "1"
     return subprocess.run(
