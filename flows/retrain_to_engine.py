@@ -22,6 +22,7 @@ from trtforge.tasks.export import export_task
 from trtforge.tasks.publish import publish_task
 from trtforge.tasks.reference import reference_task
 from trtforge.tasks.remote_build import build_on_worker_task, deployment_problem
+from trtforge.tasks.sensitivity import sensitivity_task
 from trtforge.tasks.simplify import simplify_task
 from trtforge.tasks.stage import run_step
 from trtforge.tasks.validate_calibration import validate_calibration_task
@@ -31,12 +32,15 @@ from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.lineage import RunInputs, published_version
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
-from trtforge.routing import RouteKind, route_target
+from trtforge.routing import Route, RouteKind, route_target
 from trtforge.spec import ModelSpec, Precision, Target, load_spec
 from trtforge.stages.build import BuildRequest
-from trtforge.stages.gate import PreviousRelease
+from trtforge.stages.gate import PreviousRelease, task_metric_name
+from trtforge.stages.ladder import LadderRecord, LadderStep, ladder_enabled, next_exclusions, start_record
+from trtforge.stages.latency_gate import apply_speedup_gates
 from trtforge.stages.publish import registry_uri
 from trtforge.stages.runner import Stage, failed_stage
+from trtforge.stages.sensitivity import SensitivityResult, exact_node_patterns
 from trtforge.staging import Staging
 from trtforge.summary import (
     CalibrationSummary,
@@ -217,18 +221,21 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             previous=previous_release(store, spec.name, tag, spec.compare_alias),
             registry=uri,
         )
-        if route.kind is RouteKind.LOCAL:
-            future = build_and_gate_task.submit(request)
-        else:
-            future = build_on_worker_task.submit(route.deployment, request, spec.name, run_id)
-        pending.append((target, tag, future))
-    for target, tag, future in pending:
+        pending.append((target, tag, route, request, _submit(route, request, spec.name, run_id)))
+    rankings: dict[Path, SensitivityResult] = {}
+    for target, tag, route, request, future in pending:
         try:
-            outcomes.append(future.result())
+            outcome = future.result()
         except TrtforgeError as err:
             logger.warning("target %s: failed: %s", tag, err)
             outcomes.append(_outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.BUILD)))
+            continue
+        if target.precision.needs_calibration and outcome.status is TargetStatus.FAILED and outcome.failures:
+            ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id, rankings)
+            outcome = ladder.climb(target, route, request, outcome)
+        outcomes.append(outcome)
     summary.targets = outcomes
+    apply_speedup_gates(spec, outcomes)
     summary.stages.append(
         StageTiming(stage=Stage.BUILD, seconds=time.perf_counter() - started, detail=f"{len(pending)} target(s) converted, built and gated")
     )
@@ -269,8 +276,100 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     summary.message = f"published version {version}"
 
 
-def _convert(spec: ModelSpec, onnx_path: Path, precision: Precision, artifacts: Path, summary: RunSummary) -> Path:
-    result = convert_precision_task(spec, onnx_path, precision, artifacts / "cache" / spec.name / "precision")
+def _submit(route: Route, request: BuildRequest, model: str, run_id: str):
+    if route.kind is RouteKind.LOCAL:
+        return build_and_gate_task.submit(request)
+    return build_on_worker_task.submit(route.deployment, request, model, run_id)
+
+
+class Ladder:
+    """A failed int8/fp8 gate: rank the graph's quantized nodes, name the worst, and where the ladder
+    is on (trtforge.stages.ladder), re-convert without them, rebuild and re-gate, step by step."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        reference_onnx: Path,
+        artifacts: Path,
+        summary: RunSummary,
+        run_id: str,
+        rankings: dict[Path, SensitivityResult],
+    ):
+        self.spec, self.reference_onnx, self.artifacts, self.summary, self.run_id = spec, reference_onnx, artifacts, summary, run_id
+        # Targets of one precision share their converted graphs, so each graph is ranked once a run.
+        self.rankings = rankings
+
+    def rank(self, onnx_path: Path, precision: Precision) -> SensitivityResult:
+        if onnx_path not in self.rankings:
+            self.rankings[onnx_path] = run_step(self.summary, sensitivity_task, self.spec, self.reference_onnx, onnx_path, precision)
+        return self.rankings[onnx_path]
+
+    def climb(self, target: Target, route: Route, request: BuildRequest, failed: TargetOutcome) -> TargetOutcome:
+        try:
+            ranking = self.rank(request.onnx_path, target.precision)
+        except TrtforgeError as err:
+            failed.notes.append(f"sensitivity not measured: {err}")
+            return failed
+        record = start_record(ranking)
+        excluded: list[str] = []
+        steps = range(1, self.spec.precision.ladder.max_steps + 1) if ladder_enabled(self.spec, target) else ()
+        for step in steps:
+            excluded = next_exclusions(self.spec, excluded, ranking)
+            if not excluded:
+                break
+            try:
+                onnx_path = _convert(self.spec, self.reference_onnx, target.precision, self.artifacts, self.summary, excluded)
+                if target.backend == "tensorrt":
+                    _check_compatibility(self.spec, onnx_path, self.summary, f"{target.precision.value}-ladder-{step}")
+                work_dir = request.work_dir.with_name(f"{request.work_dir.name}-ladder-{step}")
+                outcome = _submit(
+                    route, request.model_copy(update={"onnx_path": onnx_path, "work_dir": work_dir}), self.spec.name, self.run_id
+                ).result()
+            except TrtforgeError as err:
+                record.steps.append(
+                    LadderStep(
+                        step=step,
+                        excluded_nodes=excluded,
+                        passed=False,
+                        task_metric="",
+                        value=None,
+                        failures=[_stage_failure(err, Stage.CONVERT_PRECISION)],
+                    )
+                )
+                break
+            metric = task_metric_name(self.spec, outcome.metrics)
+            passed = outcome.status is TargetStatus.PASSED
+            record.steps.append(
+                LadderStep(
+                    step=step,
+                    excluded_nodes=excluded,
+                    passed=passed,
+                    task_metric=metric,
+                    value=outcome.metrics.get(metric),
+                    failures=outcome.failures,
+                )
+            )
+            if passed:
+                return self._with_record(outcome, record)
+            try:
+                ranking = self.rank(onnx_path, target.precision)
+            except TrtforgeError:
+                continue
+        return self._with_record(failed, record)
+
+    @staticmethod
+    def _with_record(outcome: TargetOutcome, record: LadderRecord) -> TargetOutcome:
+        outcome.notes.append(record.summary())
+        outcome.record["precision_ladder"] = record.model_dump(mode="json")
+        return outcome
+
+
+def _convert(
+    spec: ModelSpec, onnx_path: Path, precision: Precision, artifacts: Path, summary: RunSummary, excluded_nodes: list[str] | None = None
+) -> Path:
+    """``precision``'s graph; ``excluded_nodes`` (exact node names) stay out of quantization."""
+    cache_dir = artifacts / "cache" / spec.name / "precision"
+    result = convert_precision_task(spec, onnx_path, precision, cache_dir, exact_node_patterns(excluded_nodes or []))
     summary.conversions.append(
         ConversionSummary(
             precision=result.precision.value,
@@ -280,6 +379,7 @@ def _convert(spec: ModelSpec, onnx_path: Path, precision: Precision, artifacts: 
             seconds=result.seconds,
             cached=result.cached,
             modelopt_version=result.modelopt_version,
+            excluded_nodes=excluded_nodes or [],
         )
     )
     return result.onnx_path

@@ -168,6 +168,16 @@ def test_cache_key_follows_calibration_digest_and_options(
             )
 
 
+def test_options_int8_does_not_read_leave_its_cache_key_alone(
+    digits_onnx, digits_spec, digits_calibration, precision_cache, digits_int8, monkeypatch
+):
+    """fp16's options and the precision ladder's settings decide no int8 conversion: changing them recalibrates nothing."""
+    _forbid_conversion(monkeypatch)
+    unrelated = PrecisionOptions(keep_fp32_op_types=["Relu"], keep_fp32_nodes=["node_linear"], ladder={"max_steps": 7, "enabled": True})
+    again = convert_precision(digits_onnx, Precision.INT8, digits_calibration, unrelated, spec=digits_spec, cache_dir=precision_cache)
+    assert again.cached and again.cache_key == digits_int8.cache_key
+
+
 def test_tampered_cache_entry_is_discarded_not_served(digits_onnx, digits_spec, digits_calibration, tmp_path, digits_int8, monkeypatch):
     cache = tmp_path / "cache"
     entry = cache / digits_int8.cache_key

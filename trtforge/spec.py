@@ -266,6 +266,18 @@ class CalibrationSpec(Strict):
     )
 
 
+class LadderOptions(Strict):
+    """The precision ladder: when an int8/fp8 target fails its gate, keep its most sensitive nodes out of quantization and re-gate."""
+
+    enabled: bool | None = Field(
+        default=None, description="on for every int8/fp8 target; unset: on for detection only (a target's 'ladder' overrides it)"
+    )
+    max_steps: Annotated[int, Field(ge=1, le=20)] = Field(default=3, description="re-conversions tried before the target is refused")
+    nodes_per_step: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="nodes each step adds to the excluded ones, most sensitive first"
+    )
+
+
 class PrecisionOptions(Strict):
     calibration_method: Literal["entropy", "max"] = "entropy"
     exclude_op_types: list[str] = Field(default_factory=list)
@@ -273,6 +285,21 @@ class PrecisionOptions(Strict):
     keep_fp32_op_types: list[str] = Field(default_factory=list)
     keep_fp32_nodes: list[str] = Field(default_factory=list)
     high_precision_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    ladder: LadderOptions = LadderOptions()
+
+
+class SpeedupOver(Strict):
+    """The precision a target must beat on its own place and backend: ``fp16``, or ``{precision: fp16, factor: 1.5}``."""
+
+    precision: Precision
+    factor: Annotated[float, Field(ge=1)] = Field(
+        default=1.0, description="the other target's latency over this one's must exceed it; 1.0: strictly faster"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_precision(cls, value: Any) -> Any:
+        return {"precision": value} if isinstance(value, str) else value
 
 
 class GateThresholds(Strict):
@@ -311,6 +338,21 @@ class GateThresholds(Strict):
     min_pixel_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="floor of the share of pixels whose class matches the reference's"
     )
+    near_tie_margin: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="a disagreement where the reference's top-2 softmax gap is below it is a near tie, forgiven by min_agreement "
+        "(default 0.02, trtforge.stages.gate)",
+    )
+    # None, not False, when unset: a target's gate {} must not switch off the spec's strict_resolution: true.
+    strict_resolution: bool | None = Field(
+        default=None, description="true: a threshold finer than the eval set resolves fails the gate; default false: a warning"
+    )
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="ceiling of the median latency at the opt shape, in ms, on the machine that gated it"
+    )
+    min_speedup_over: SpeedupOver | None = Field(
+        default=None, description="the target of this precision on the same place and backend must be slower (trtforge.stages.latency_gate)"
+    )
 
 
 class Profile(Strict):
@@ -331,11 +373,18 @@ class Target(Strict):
     work_pool: str | None = None
     profiles: list[Profile] = Field(default_factory=list)
     gate: GateThresholds = GateThresholds()
+    ladder: bool | None = Field(
+        default=None, description="the precision ladder for this int8/fp8 target; unset: precision.ladder.enabled decides"
+    )
 
     @model_validator(mode="after")
     def _registered(self) -> Target:
         if type(self) is Target:
             raise ValueError(f"backend {self.backend!r} is not registered: import the module that defines it first")
+        if self.ladder and not self.precision.needs_calibration:
+            raise ValueError(
+                f"'ladder: true' applies to int8 and fp8 targets (this one is {self.precision.value}): remove it from this target"
+            )
         return self
 
     @property
@@ -484,6 +533,28 @@ class ModelSpec(Strict):
     def _watch_can_retrain(self) -> ModelSpec:
         if self.watch is not None and self.watch.retrain_first and self.train is None:
             raise ValueError("watch.retrain_first needs a 'train' entry point: add train: 'file.py:function' or set retrain_first: false")
+        return self
+
+    @model_validator(mode="after")
+    def _speedup_has_a_target_to_beat(self) -> ModelSpec:
+        """Every min_speedup_over names a precision that another target of the same place and backend builds."""
+        built = {(t.backend, t.place, t.precision) for t in self.targets}
+        for index, target in enumerate(self.targets):
+            own, shared = target.gate.min_speedup_over, self.gate.min_speedup_over
+            rule, field = (own, f"targets[{index}].gate.min_speedup_over") if own else (shared, "gate.min_speedup_over")
+            if rule is None:
+                continue
+            if rule.precision is target.precision:
+                if own:
+                    raise ValueError(f"{field}: {rule.precision.value} is this target's own precision: name the precision it must beat")
+                # The spec-wide rule does not ask the targets of that precision to beat themselves.
+                continue
+            if (target.backend, target.place, rule.precision) not in built:
+                raise ValueError(
+                    f"{field}: targets[{index}] ({target.backend} {target.precision.value} on {target.place}) has no "
+                    f"{target.backend} {rule.precision.value} target on {target.place} to be compared with: add one, or "
+                    f"remove min_speedup_over" + ("" if own else " from the spec's gate and set it on the targets it applies to")
+                )
         return self
 
     def input_shapes(self, level: ShapeLevel) -> dict[str, tuple[int, ...]]:

@@ -81,6 +81,7 @@ class ConversionSummary(BaseModel):
     seconds: float
     cached: bool
     modelopt_version: str | None = None
+    excluded_nodes: list[str] = []
 
 
 class RunSummary(BaseModel):

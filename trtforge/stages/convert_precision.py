@@ -46,6 +46,17 @@ REFERENCE_BATCHES = 4
 DEFAULT_TIMEOUT_S = 3600.0
 METHOD_AS_IS = "as-is"
 METHOD_AUTOCAST = "autocast"
+# The precision options each conversion reads, and so its cache key: a change to an int8 option
+# must not re-run fp16's AutoCast, and the ladder's settings decide no conversion at all.
+_AUTOCAST_OPTIONS = {"keep_fp32_op_types", "keep_fp32_nodes"}
+_QUANTIZE_OPTIONS = {"calibration_method", "exclude_op_types", "exclude_nodes", "high_precision_dtype"}
+OPTIONS_READ: dict[Precision, set[str]] = {
+    Precision.FP32: set(),
+    Precision.FP16: _AUTOCAST_OPTIONS,
+    Precision.BF16: _AUTOCAST_OPTIONS,
+    Precision.INT8: _QUANTIZE_OPTIONS,
+    Precision.FP8: _QUANTIZE_OPTIONS,
+}
 
 
 class ConversionResult(BaseModel):
@@ -410,7 +421,7 @@ def _cache_key(
         "calibration_sha256": data_digest,
         "calibration_batch_size": plan.batch_size if plan else None,
         "input_opt_shapes": {inp.name: list(inp.shape_at("opt")) for inp in model_inputs},
-        "options": options.model_dump(mode="json"),
+        "options": options.model_dump(mode="json", include=OPTIONS_READ[precision]),
         "modelopt_version": modelopt_version(),
         # How this module drives ModelOpt decides the output too.
         "stage_source_sha256": sha256_file(Path(__file__)),

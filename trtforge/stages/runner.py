@@ -29,12 +29,13 @@ class Stage(str, Enum):
     CONVERT_PRECISION = "convert-precision"
     BUILD = "build"
     GATE = "gate"
+    SENSITIVITY = "sensitivity"
     PUBLISH = "publish"
 
     @property
     def per_target(self) -> bool:
         """Stages that run once per target: their failure is that target's, not the run's."""
-        return self in (Stage.CONVERT_PRECISION, Stage.BUILD, Stage.GATE)
+        return self in (Stage.CONVERT_PRECISION, Stage.BUILD, Stage.GATE, Stage.SENSITIVITY)
 
 
 @dataclass(frozen=True)
