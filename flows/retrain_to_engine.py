@@ -29,7 +29,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
-from trtforge.lineage import RunInputs, published_version
+from trtforge.lineage import RunInputs, published_version, stage_spec_sha256
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import Route, RouteKind, route_target
@@ -170,7 +170,8 @@ def retrain_to_engine(
 
 def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, artifacts, run_id, summary: RunSummary) -> None:
     logger = get_run_logger()
-    work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{spec.sha256()[:16]}"
+    # Keyed like the export stage: a change that exports nothing new reuses the folder.
+    work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
     simplified = run_step(summary, simplify_task, spec, exported, work_dir)
     # The fp32 graph first, before anything is converted: what no precision can fix fails fast.

@@ -19,17 +19,16 @@ from typing import Any
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from trtforge.hashing import sha256_file, sha256_text
-from trtforge.lineage import full_code_version, model_code_sha256
+from trtforge.hashing import sha256_file
+from trtforge.lineage import stage_cache_key, stage_spec_sha256
 from trtforge.spec import ModelSpec
 from trtforge.stages.runner import Stage, run_stage
 from trtforge.summary import RunSummary, StageTiming
 
 
-def _fingerprint(value: Any) -> str:
+def _fingerprint(value: Any, stage: Stage) -> str:
     if isinstance(value, ModelSpec):
-        # The model's code decides what export makes as much as the spec does.
-        return value.sha256() + model_code_sha256(value)
+        return stage_spec_sha256(value, stage)
     if isinstance(value, BaseModel):
         digest = getattr(value, "sha256", None)
         return digest if isinstance(digest, str) else value.model_dump_json()
@@ -40,9 +39,8 @@ def _fingerprint(value: Any) -> str:
 
 def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn``: task name + trtforge's code (library, tasks, flows) + a fingerprint of every parameter."""
-    parts = [context.task.name, full_code_version()]
-    parts += [f"{name}={_fingerprint(value)}" for name, value in sorted(parameters.items())]
-    return sha256_text(*parts)
+    stage = Stage(context.task.name)
+    return stage_cache_key(stage, *(f"{name}={_fingerprint(value, stage)}" for name, value in sorted(parameters.items())))
 
 
 CACHED_OPTIONS: dict[str, Any] = {
@@ -86,8 +84,13 @@ def outputs_exist(result: Any) -> bool:
 def run_step(summary: RunSummary, stage_task: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one stage task (again, if its cached result points at files deleted since) and record its timing."""
     started = time.perf_counter()
-    result = stage_task(*args, **kwargs)
+    state = stage_task(*args, return_state=True, **kwargs)
+    result = state.result()
     if stage_task.cached and not outputs_exist(result):
-        result = stage_task.with_options(refresh_cache=True)(*args, **kwargs)
-    summary.stages.append(StageTiming(stage=stage_task.stage, seconds=time.perf_counter() - started, detail=stage_task.describe(result)))
+        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+        result = state.result()
+    # Prefect's cache hits are states named "Cached"; stages with file caches say so in their result.
+    cached = state.name == "Cached" or getattr(result, "cached", False) is True
+    timing = StageTiming(stage=stage_task.stage, seconds=time.perf_counter() - started, detail=stage_task.describe(result), cached=cached)
+    summary.stages.append(timing)
     return result

@@ -96,3 +96,29 @@ def test_each_input_that_makes_the_engines_rebuilds_and_nothing_else_does(tmp_pa
 
     assert cli_without_pipeline(spec, tmp_path).stdout.strip() == "up to date: version 4"
     assert registry.versions("digits-cnn") == [1, 2, 3, 4]
+
+
+def cached_stages(summary) -> dict[str, bool]:
+    return {timing.stage.value: timing.cached for timing in summary.stages if timing.stage.value in ("export", "simplify", "reference")}
+
+
+def test_each_stage_reruns_only_for_what_it_reads(tmp_path, digits_checkpoint):
+    spec = own_copy(tmp_path / "model", digits_checkpoint)
+    first = run_flow(spec, tmp_path)
+    assert cached_stages(first) == {"export": False, "simplify": False, "reference": False}
+
+    data = yaml.safe_load(spec.read_text())
+    data["targets"][1]["gate"] = {"min_cosine": 0.97}
+    spec.write_text(yaml.safe_dump(data))
+    regated = run_flow(spec, tmp_path)
+    assert regated.published and regated.version == 2, "a new threshold is a new gate verdict"
+    assert cached_stages(regated) == {"export": True, "simplify": True, "reference": True}
+    assert int8_conversion(regated).cached, "a gate threshold does not recalibrate"
+
+    data["precision"] = {"calibration_method": "max"}
+    spec.write_text(yaml.safe_dump(data))
+    reconverted = run_flow(spec, tmp_path)
+    assert reconverted.version == 3
+    assert cached_stages(reconverted) == {"export": True, "simplify": True, "reference": True}
+    assert not int8_conversion(reconverted).cached and int8_conversion(reconverted).method == "max"
+    assert len(list((tmp_path / "artifacts" / "work" / "digits-cnn").iterdir())) == 1, "one work folder for one exported graph"

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from trtforge.hashing import code_version, sha256_file
 from trtforge.spec import ModelSpec
+from trtforge.stages.runner import SPEC_FIELDS_READ, Stage
 
 # The tools whose version changes what an engine is; absent ones are recorded as absent.
 TOOL_DISTRIBUTIONS = ("torch", "onnx", "onnxsim", "nvidia-modelopt", "onnxruntime", "tensorrt")
@@ -53,6 +54,20 @@ def run_inputs(spec: ModelSpec, checkpoint: Path) -> RunInputs:
         code_version=full_code_version(),
         tools=tool_versions(),
     )
+
+
+def stage_cache_key(stage: Stage, *digests: str) -> str:
+    """The one cache-key recipe of every cached stage: the stage, trtforge's code (library, tasks and
+    flows) and the digests of what the stage reads (its spec fields through ``stage_spec_sha256``, its files)."""
+    return hashlib.sha256("\0".join([stage.value, full_code_version(), *digests]).encode()).hexdigest()
+
+
+def stage_spec_sha256(spec: ModelSpec, stage: Stage) -> str:
+    """What one cached stage reads of the spec: its fields as written, and the model's code where it builds the model."""
+    fields = SPEC_FIELDS_READ.get(stage)
+    if fields is None:
+        return spec.sha256() + model_code_sha256(spec)
+    return spec.sha256_of(fields) + (model_code_sha256(spec) if "model" in fields else "")
 
 
 def model_code_sha256(spec: ModelSpec) -> str:

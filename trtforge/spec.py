@@ -9,7 +9,9 @@ it is a URI, relative to the working directory, like any other command-line URI.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -498,6 +500,8 @@ class ModelSpec(Strict):
     # (before resolution, so the same spec hashes the same in any checkout).
     source: Path | None = Field(default=None, exclude=True)
     digest: str | None = Field(default=None, exclude=True)
+    # One hash per top-level field, also as written: a stage's cache key covers the fields it reads.
+    field_digests: dict[str, str] | None = Field(default=None, exclude=True)
 
     @field_validator("name")
     @classmethod
@@ -564,6 +568,16 @@ class ModelSpec(Strict):
         """Content hash of the validated spec as written, for lineage and cache keys."""
         return self.digest or hashlib.sha256(self.model_dump_json(exclude=NOT_IN_LINEAGE).encode()).hexdigest()
 
+    def sha256_of(self, fields: Iterable[str]) -> str:
+        """Content hash of these top-level fields as written: what one stage reads of the spec."""
+        digests = self.field_digests or _field_digests(self)
+        return hashlib.sha256(json.dumps({name: digests[name] for name in sorted(fields)}).encode()).hexdigest()
+
+
+def _field_digests(spec: ModelSpec) -> dict[str, str]:
+    dumped = spec.model_dump(mode="json", exclude=NOT_IN_LINEAGE)
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest() for name, value in dumped.items()}
+
 
 def _format_location(loc: tuple[Any, ...]) -> str:
     out = ""
@@ -609,7 +623,7 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
             f"invalid spec {source}: a value cannot be written as JSON ({err}); model_kwargs may hold only text, "
             "numbers, booleans, null, lists and mappings (no binary data)"
         ) from None
-    spec = spec.model_copy(update={"digest": hashlib.sha256(written.encode()).hexdigest()})
+    spec = spec.model_copy(update={"digest": hashlib.sha256(written.encode()).hexdigest(), "field_digests": _field_digests(spec)})
     if base_dir is None:
         return spec
     return _resolve_paths(spec, base_dir.resolve())

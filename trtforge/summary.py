@@ -38,6 +38,7 @@ class StageTiming(BaseModel):
     stage: Stage
     seconds: float
     detail: str = ""
+    cached: bool = False
 
 
 class FlaggedOpType(BaseModel):

@@ -31,12 +31,14 @@ from pydantic import BaseModel
 
 from trtforge.calibration import content_sha256
 from trtforge.errors import StageError
-from trtforge.hashing import sha256_file, sha256_text
+from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
+from trtforge.lineage import stage_cache_key
 from trtforge.numeric import NUMPY_DTYPES
 from trtforge.onnxfacts import PrecisionFacts, precision_facts
 from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
+from trtforge.stages.runner import Stage
 
 STAGE = "convert-precision"
 MODEL_FILE = "model.onnx"
@@ -423,10 +425,8 @@ def _cache_key(
         "input_opt_shapes": {inp.name: list(inp.shape_at("opt")) for inp in model_inputs},
         "options": options.model_dump(mode="json", include=OPTIONS_READ[precision]),
         "modelopt_version": modelopt_version(),
-        # How this module drives ModelOpt decides the output too.
-        "stage_source_sha256": sha256_file(Path(__file__)),
     }
-    return sha256_text(json.dumps(decided_by, sort_keys=True))
+    return stage_cache_key(Stage.CONVERT_PRECISION, json.dumps(decided_by, sort_keys=True))
 
 
 def _read_entry(entry: Path) -> ConversionResult | None:

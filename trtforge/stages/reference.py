@@ -1,4 +1,4 @@
-"""The PyTorch FP32 reference outputs on the eval set: computed once per (checkpoint, eval set, spec model, task).
+"""The PyTorch FP32 reference outputs on the eval set: computed once per checkpoint, eval inputs, model code and the spec fields it reads.
 
 Saved as an .npz: one array per output name, or for detection ``<image>/<output>`` per image
 (``trtforge.outputs``), so padded and ragged NMS outputs are never concatenated.
@@ -12,11 +12,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from trtforge.evalset import eval_batch_size, load_eval_set
-from trtforge.hashing import sha256_file, sha256_text
+from trtforge.hashing import sha256_file
+from trtforge.lineage import data_sha256, stage_cache_key, stage_spec_sha256
 from trtforge.modelload import load_model
 from trtforge.outputs import Outputs, collect_outputs, outputs_from_arrays, save_outputs
 from trtforge.safeio import atomic_writer, load_arrays
 from trtforge.spec import ModelSpec
+from trtforge.stages.runner import Stage
 
 STAGE = "reference"
 
@@ -31,9 +33,7 @@ def reference_outputs(spec: ModelSpec, checkpoint: Path, cache_dir: Path) -> Ref
     """Run the PyTorch model in FP32 over the eval set and save its outputs."""
     import torch
 
-    key = sha256_text(
-        sha256_file(checkpoint), sha256_file(spec.eval.data), spec.model, repr(sorted(spec.model_kwargs.items())), spec.eval.task.value
-    )
+    key = stage_cache_key(Stage.REFERENCE, stage_spec_sha256(spec, Stage.REFERENCE), sha256_file(checkpoint), data_sha256(spec.eval.data))
     path = cache_dir / f"reference-{key[:24]}.npz"
     if path.is_file():
         return ReferenceResult(path=path, key=key, cached=True)

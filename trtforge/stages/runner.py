@@ -38,6 +38,15 @@ class Stage(str, Enum):
         return self in (Stage.CONVERT_PRECISION, Stage.BUILD, Stage.GATE, Stage.SENSITIVITY)
 
 
+# The top-level spec fields each cached stage reads, and so its cache key covers: a gate threshold
+# or a target's options change no exported graph and no reference output.
+SPEC_FIELDS_READ: dict[Stage, frozenset[str]] = {
+    Stage.EXPORT: frozenset({"model", "model_kwargs", "inputs", "outputs", "export", "plugins", "allow_pickle_checkpoints"}),
+    Stage.SIMPLIFY: frozenset({"inputs", "outputs", "export", "plugins"}),
+    Stage.REFERENCE: frozenset({"model", "model_kwargs", "inputs", "outputs", "eval", "allow_pickle_checkpoints"}),
+}
+
+
 @dataclass(frozen=True)
 class StageRun(Generic[T]):
     stage: Stage
