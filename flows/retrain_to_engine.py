@@ -30,6 +30,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.lineage import RunInputs, published_version, stage_spec_sha256
+from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import Route, RouteKind, route_target
@@ -156,6 +157,7 @@ def retrain_to_engine(
             update={"version": existing, "up_to_date": True, "passed": True, "message": f"up to date: version {existing}", "run_dir": None}
         )
 
+    cache_cap = cap_bytes_from_environment()
     staging = Staging(store, spec.name, run_id)
     try:
         _build_and_publish(spec, spec_path, ckpt, inputs, store, uri, artifacts, run_id, summary)
@@ -165,6 +167,14 @@ def retrain_to_engine(
     finally:
         staging.clear()
         _finish(summary)
+        pruned = prune(artifacts, cap_bytes=cache_cap)
+        if pruned.removed:
+            logger.info(
+                "local caches over %.1f GiB: removed %d least recently used entries (%.1f MiB)",
+                cache_cap / 1024**3,
+                len(pruned.removed),
+                pruned.freed_bytes / 1024**2,
+            )
     return summary
 
 
@@ -172,6 +182,8 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     logger = get_run_logger()
     # Keyed like the export stage: a change that exports nothing new reuses the folder.
     work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mark_used(work_dir)
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
     simplified = run_step(summary, simplify_task, spec, exported, work_dir)
     # The fp32 graph first, before anything is converted: what no precision can fix fails fast.

@@ -34,6 +34,7 @@ from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.lineage import stage_cache_key
+from trtforge.localcache import mark_used
 from trtforge.numeric import NUMPY_DTYPES
 from trtforge.onnxfacts import PrecisionFacts, precision_facts
 from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
@@ -441,6 +442,7 @@ def _read_entry(entry: Path) -> ConversionResult | None:
     if result is None or sha256_file(model) != result.sha256:
         shutil.rmtree(entry, ignore_errors=True)
         return None
+    mark_used(entry)
     return result.model_copy(update={"onnx_path": model, "cached": True})
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from trtforge.evalset import eval_batch_size, load_eval_set
 from trtforge.hashing import sha256_file
 from trtforge.lineage import data_sha256, stage_cache_key, stage_spec_sha256
+from trtforge.localcache import mark_used
 from trtforge.modelload import load_model
 from trtforge.outputs import Outputs, collect_outputs, outputs_from_arrays, save_outputs
 from trtforge.safeio import atomic_writer, load_arrays
@@ -36,6 +37,7 @@ def reference_outputs(spec: ModelSpec, checkpoint: Path, cache_dir: Path) -> Ref
     key = stage_cache_key(Stage.REFERENCE, stage_spec_sha256(spec, Stage.REFERENCE), sha256_file(checkpoint), data_sha256(spec.eval.data))
     path = cache_dir / f"reference-{key[:24]}.npz"
     if path.is_file():
+        mark_used(path)
         return ReferenceResult(path=path, key=key, cached=True)
     evalset = load_eval_set(spec)
     model = load_model(spec, checkpoint)
