@@ -390,19 +390,15 @@ def ls_command(
             typer.echo(f"  {target.tag}  {built}  gate: {_metrics_text(target.gate)}")
 
 
-def _fastest_by_place(manifest) -> dict[str, str]:
-    """Per GPU architecture and for the CPU, the target 'pull --arch X --fastest' picks there, by tag."""
-    from trtforge.errors import RegistryError
-    from trtforge.registry.pull import EngineFacts, fastest_target
+def _fastest_by_place(manifest) -> dict[str, list[str]]:
+    """Per target tag, its marks: 'best latency on cpu', 'best throughput on sm_90', ... (the manifest's choice per place)."""
+    from trtforge.registry.pull import fastest_per_place
 
-    places = dict.fromkeys(EngineFacts.of(e.record).arch or "cpu" for e in manifest.targets.values())
     marks: dict[str, list[str]] = {}
-    for place in places:
-        try:
-            marks.setdefault(fastest_target(manifest, arch=place).tag, []).append(place)
-        except RegistryError:
-            continue
-    return {tag: ", ".join(where) for tag, where in marks.items()}
+    for place, chosen in fastest_per_place(manifest).items():
+        for by, tag in chosen.items():
+            marks.setdefault(tag, []).append(f"best {by} on {place}")
+    return marks
 
 
 @app.command("show")
@@ -424,7 +420,7 @@ def show_command(
     typer.echo("environment: " + ", ".join(f"{name} {value}" for name, value in manifest.environment.items() if value))
     fastest = _fastest_by_place(manifest)
     for entry in manifest.targets.values():
-        mark = f"  [fastest on {fastest[entry.tag]}]" if entry.tag in fastest else ""
+        mark = "".join(f"  [{where}]" for where in fastest.get(entry.tag, []))
         typer.echo(f"target {entry.tag}  gate: {_metrics_text(entry.record.get('gate'))}{mark}")
         for name, file in entry.files.items():
             typer.echo(f"  {name}  {file.size} bytes  sha256 {file.sha256}")
@@ -447,9 +443,16 @@ def pull_command(
         bool,
         typer.Option(
             "--fastest",
-            help="Of the engines that fit, the one with the lowest gate latency_ms_median ('--arch auto': this GPU, or the CPU engines).",
+            help="Of the engines that fit, the fastest: the manifest's choice for the place ('--arch auto': this GPU, or the CPU engines).",
         ),
     ] = False,
+    best: Annotated[
+        str | None,
+        typer.Option(
+            "--best",
+            help="What --fastest ranks by: 'latency' (median at the opt shape; the default) or 'throughput' (samples/s); implies --fastest.",
+        ),
+    ] = None,
     require_signature: RequireSignatureOption = None,
     trusted_key: TrustedKeyOption = None,
     registry: RegistryUriOption = None,
@@ -457,7 +460,7 @@ def pull_command(
 ) -> None:
     """Download the engine that fits this host, verify its SHA-256 (and signature), and write it atomically."""
     reader = _reader(registry)
-    if fastest:
+    if fastest or best is not None:
         from trtforge.registry.pull import fastest_target, local_tensorrt_version
 
         if tag is not None:
@@ -465,7 +468,12 @@ def pull_command(
         version = reader.resolve(model, version=version, alias=alias)
         alias = None
         tag = fastest_target(
-            reader.manifest(model, version), arch=arch, precision=precision, backend=backend, local_tensorrt=local_tensorrt_version()
+            reader.manifest(model, version),
+            arch=arch,
+            precision=precision,
+            backend=backend,
+            local_tensorrt=local_tensorrt_version(),
+            best=best or "latency",
         ).tag
         arch = precision = backend = None
     result = reader.pull(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from trtforge.safeio import atomic_write_text, atomic_writer
+from trtforge.speed import BEST_BY, OPT_BATCH, fastest_per_place
 from trtforge.summary import RunSummary, TargetStatus
 
 SHOWN_METRICS = (
@@ -33,6 +35,30 @@ def target_rows(summary: RunSummary) -> list[list[str]]:
         status = t.status.value + ("" if t.required else " (optional)")
         rows.append([t.tag, status, format_metrics(t.metrics), t.reason or "; ".join(t.notes), t.location or ""])
     return rows
+
+
+def chosen_engines(summary: RunSummary) -> dict[str, dict[str, Any]]:
+    """Per place, the passing targets with the best latency and the best throughput: what the publisher names in
+    the manifest's ``fastest`` (``trtforge.speed.fastest_per_place``)."""
+    from trtforge.registry.pull import EngineFacts
+
+    passed = [t for t in summary.targets if t.status is TargetStatus.PASSED]
+    return fastest_per_place((EngineFacts.of(t.record).place, t.tag, t.metrics) for t in passed)
+
+
+def _chosen_lines(summary: RunSummary, chosen: dict[str, dict[str, Any]]) -> list[str]:
+    opt_batch = {t.tag: t.metrics.get(OPT_BATCH) for t in summary.targets}
+    lines = []
+    for place, choice in chosen.items():
+        batch = opt_batch.get(choice["latency"])
+        why = f"best latency at the opt shape{f' (batch {batch:.0f})' if batch else ''}: {choice['latency_ms']:.3g} ms median"
+        line = f"- **{place}**: `{choice['latency']}`, {why}"
+        if "throughput" in choice:
+            rate = f"{choice['throughput_per_s']:,.0f} samples/s at batch {choice['throughput_batch']}"
+            which = "also" if choice["throughput"] == choice["latency"] else f"`{choice['throughput']}`,"
+            line += f"; {which} best throughput: {rate}"
+        lines.append(line + ".")
+    return lines
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -73,6 +99,10 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
             if target.thresholds:
                 shown = ", ".join(f"{k}={v:g}" for k, v in target.thresholds.items())
                 lines.append(f"\n`{target.tag}` thresholds: {shown}")
+    chosen = chosen_engines(summary)
+    if chosen:
+        named = " (the manifest's `fastest`; `trtforge pull --fastest` takes it)" if summary.published else ""
+        lines += ["", "### Fastest passing engine per place", "", f"Chosen per place{named}:", "", *_chosen_lines(summary, chosen)]
     if plot:
         lines += ["", f"![accuracy against latency]({plot})"]
     if summary.warnings:
@@ -86,6 +116,8 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
     if not points:
         return None
     import matplotlib
+
+    from trtforge.registry.pull import EngineFacts
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
@@ -111,6 +143,24 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
             textcoords="offset points",
             xytext=(6, 6 + 11 * index),
             fontsize=8,
+        )
+    chosen = chosen_engines(summary)
+    picks = {(choice[by], by) for choice in chosen.values() for by in BEST_BY if by in choice}
+    for target in points:
+        metric = next((m for m in ("accuracy", "map", "miou", "agreement", "cosine_mean") if m in target.metrics), None)
+        marks = [by for tag, by in sorted(picks) if tag == target.tag]
+        if metric is None or not marks:
+            continue
+        # A ring around the point: the chosen engine stays visible under its pass marker.
+        axes.scatter(
+            target.metrics["latency_ms_median"],
+            target.metrics[metric],
+            marker="o",
+            s=260,
+            facecolors="none",
+            edgecolors="tab:orange",
+            linewidths=2,
+            label=f"chosen: best {' and '.join(marks)} on {EngineFacts.of(target.record).place}",
         )
     axes.set_xlabel("median latency at the opt shape (ms)")
     axes.set_ylabel("task metric (accuracy, else agreement or cosine)")

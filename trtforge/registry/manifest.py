@@ -8,6 +8,7 @@ hostile manifest cannot steer a pull outside its destination folder.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -80,6 +81,25 @@ class Lineage(BaseModel):
     inputs: dict[str, Any] | None = None
 
 
+class FastestOnPlace(_Frozen):
+    """The passing targets the gates measured fastest on one place (a GPU architecture, or the CPU), by tag."""
+
+    latency: str = Field(description="the target with the lowest median latency at the opt shape")
+    latency_ms: Annotated[float, Field(gt=0)]
+    throughput: str | None = Field(default=None, description="the target with the most samples/s at its opt or max batch")
+    throughput_per_s: Annotated[float, Field(gt=0)] | None = None
+    throughput_batch: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("latency", "throughput")
+    @classmethod
+    def _tags(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_name(check_tag, value)
+
+
+# A place is 'cpu' or a GPU architecture as pulls name it (sm_90).
+_PLACE = re.compile(r"^(cpu|sm_\d{2,3})$")
+
+
 class Manifest(_Frozen):
     format: Literal[1] = MANIFEST_FORMAT
     model: str
@@ -89,6 +109,8 @@ class Manifest(_Frozen):
     environment: dict[str, Any]
     extra: dict[str, Any] = Field(default_factory=dict)
     targets: dict[str, TargetEntry] = Field(min_length=1)
+    # Written at publish from the gates' metrics; absent from manifests published before it existed.
+    fastest: dict[str, FastestOnPlace] = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -101,6 +123,21 @@ class Manifest(_Frozen):
         if wrong:
             raise ValueError(f"targets {wrong} are listed under a key other than their tag")
         return self
+
+    @model_validator(mode="after")
+    def _fastest_names_targets(self) -> Manifest:
+        check_fastest(self.fastest, set(self.targets))
+        return self
+
+
+def check_fastest(fastest: dict[str, FastestOnPlace], tags: set[str]) -> None:
+    """ValueError unless every place is 'cpu' or a GPU architecture and every tag named is one of ``tags``."""
+    for place, choice in fastest.items():
+        if not _PLACE.match(place):
+            raise ValueError(f"fastest: {place!r} is not a place ('cpu' or a GPU architecture like sm_90)")
+        unknown = [tag for tag in (choice.latency, choice.throughput) if tag is not None and tag not in tags]
+        if unknown:
+            raise ValueError(f"fastest.{place} names {unknown}, which are not targets of this version")
 
 
 class AliasMove(_Frozen):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from trtforge.errors import RegistryError
 from trtforge.registry import crashpoints
@@ -40,7 +40,7 @@ from trtforge.registry.common import (
     version_prefix,
     versions_prefix,
 )
-from trtforge.registry.manifest import AliasRecord, FileEntry, Lineage, Manifest, TargetEntry
+from trtforge.registry.manifest import AliasRecord, FastestOnPlace, FileEntry, Lineage, Manifest, TargetEntry, check_fastest
 from trtforge.registry.names import check_alias, check_file_name, check_model, check_tag
 from trtforge.registry.reader import RegistryReader
 from trtforge.registry.signing import Signer, VersionSigner, signer_from_env
@@ -63,6 +63,20 @@ class TargetArtifacts:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def _checked_fastest(model: str, targets: list[TargetArtifacts], fastest: dict[str, Any]) -> dict[str, FastestOnPlace]:
+    """The manifest's ``fastest`` field, checked before a version number is taken: a wrong one leaves nothing behind."""
+    try:
+        choice = TypeAdapter(dict[str, FastestOnPlace]).validate_python(fastest)
+        check_fastest(choice, {t.tag for t in targets})
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise RegistryError(f"fastest targets of {model}: {where}: {problem['msg']}") from None
+    except ValueError as err:
+        raise RegistryError(f"fastest targets of {model}: {err}") from None
+    return choice
+
+
 class Publisher:
     def __init__(self, store: ObjectStore):
         self.store = store
@@ -80,8 +94,12 @@ class Publisher:
         extra: dict[str, Any] | None = None,
         aliases: list[str] | tuple[str, ...] = ("latest",),
         signer: Signer | Literal["environment"] | None = FROM_ENVIRONMENT,
+        fastest: dict[str, dict[str, Any]] | None = None,
     ) -> Manifest:
         """Publish ``targets`` as the next version of ``model`` and move ``aliases`` forward to it.
+
+        ``fastest`` is the manifest's choice per place of the fastest passing targets
+        (``trtforge.speed.fastest_per_place``); it must name targets among ``targets``.
 
         ``signer`` signs the version (its manifest and every file); by default it comes from
         $TRTFORGE_SIGNING_KEY or $TRTFORGE_SIGNING_SIGSTORE, and None publishes unsigned.
@@ -91,6 +109,7 @@ class Publisher:
         self._check_artifacts(model, targets)
         check_json(f"environment of {model}", environment)
         check_json(f"extra data of {model}", extra or {})
+        fastest_choice = _checked_fastest(model, targets, fastest or {})
         try:
             lineage_model = Lineage.model_validate(lineage)
         except ValidationError as err:
@@ -113,6 +132,7 @@ class Publisher:
                 environment=environment,
                 extra=extra or {},
                 targets=entries,
+                fastest=fastest_choice,
             )
             payload = to_json(manifest)
             if version_signer is not None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from trtforge import speed
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
 from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
@@ -92,6 +93,11 @@ class EngineFacts:
             version_compatible=bool(record.get("version_compatible", settings.get("version_compatible", False))),
             exclude_lean_runtime=bool(record.get("exclude_lean_runtime", settings.get("exclude_lean_runtime", False))),
         )
+
+    @property
+    def place(self) -> str:
+        """Where the engine runs and its gate timed it: its GPU architecture (sm_90), else ``cpu``."""
+        return self.arch or "cpu"
 
     def describe(self) -> str:
         parts = [p for p in (self.backend, self.runtime_version, self.arch or self.device, self.precision) if p]
@@ -408,11 +414,18 @@ def fastest_target(
     precision: str | None = None,
     backend: str | None = None,
     local_tensorrt: str | None = None,
+    best: str = "latency",
 ) -> TargetEntry:
-    """Of the targets ``choose_target`` would take for this request, the one whose gate measured the lowest
-    ``latency_ms_median``. ``arch="auto"`` is this host's GPU, or its CPU engines where it has no GPU; ``"cpu"``
-    keeps the CPU engines. Only engines of the best architecture match compete: a hardware-compatible engine's
-    latency was measured on another GPU."""
+    """Of the targets ``choose_target`` would take for this request, the fastest by ``best``: ``latency`` (the lowest
+    gate ``latency_ms_median``, at the opt shape) or ``throughput`` (the most samples/s at the opt or max batch).
+    ``arch="auto"`` is this host's GPU, or its CPU engines where it has no GPU; ``"cpu"`` keeps the CPU engines.
+    Only engines of the best architecture match compete: a hardware-compatible engine was timed on another GPU.
+
+    The manifest's ``fastest`` choice for the place is taken where it is among those engines; otherwise (a version
+    published before the manifest had the field, a --precision or --backend the choice is not of, an engine this
+    host's TensorRT cannot load) the gate metrics of the engines are ranked here, as the publisher ranked them."""
+    if best not in speed.BEST_BY:
+        raise RegistryError(f"--best {best!r}: rank by one of {', '.join(speed.BEST_BY)}")
     if arch == "auto":
         arch = local_arch() if detect_gpus().available else "cpu"
     elif arch not in (None, "cpu"):
@@ -436,20 +449,44 @@ def fastest_target(
             )
         # Nothing fits: choose_target explains why, naming the targets.
         choose_target(manifest, arch=gpu_arch, precision=precision, backend=backend, local_tensorrt=local_tensorrt)
-    best = min(rank for rank, _ in ranked)
-    top = [entry for rank, entry in ranked if rank == best]
-    timed = [(latency, entry.tag, entry) for entry in top if (latency := gate_latency(entry)) is not None]
-    if not timed:
+    nearest = min(rank for rank, _ in ranked)
+    top = [entry for rank, entry in ranked if rank == nearest]
+    recorded = manifest.fastest.get(arch) if arch is not None and nearest == _EXACT else None
+    named = getattr(recorded, best) if recorded is not None else None
+    if (chosen := next((entry for entry in top if entry.tag == named), None)) is not None:
+        return chosen
+    if best == "latency":
+        scored = [(latency, entry.tag, entry) for entry in top if (latency := gate_latency(entry)) is not None]
+        wanted = "latency_ms_median"
+    else:
+        scored = [(-found[0], entry.tag, entry) for entry in top if (found := speed.best_throughput(_gate_metrics(entry))) is not None]
+        wanted = f"{speed.THROUGHPUT_OPT} or {speed.THROUGHPUT_MAX} (versions gated before throughput was recorded have neither: use --best latency)"
+    if not scored:
         raise RegistryError(
-            f"--fastest: no engine of {manifest.model} version {manifest.version} that fits records latency_ms_median in its "
+            f"--fastest: no engine of {manifest.model} version {manifest.version} that fits records {wanted} in its "
             f"gate metrics: {_listing(top)}; choose one with --precision, --backend or --tag"
         )
-    return min(timed, key=lambda item: (item[0], item[1]))[2]
+    return min(scored, key=lambda item: (item[0], item[1]))[2]
+
+
+def fastest_per_place(manifest: Manifest) -> dict[str, dict[str, str]]:
+    """Per place (GPU architecture, ``cpu``), the tags of the fastest engine by latency and by throughput: the
+    manifest's ``fastest`` field, or for a manifest without it, the same ranking over its targets' gate metrics."""
+    if manifest.fastest:
+        choices = {place: choice.model_dump() for place, choice in manifest.fastest.items()}
+    else:
+        choices = speed.fastest_per_place(
+            (EngineFacts.of(entry.record).place, entry.tag, _gate_metrics(entry)) for entry in manifest.targets.values()
+        )
+    return {place: {by: choice[by] for by in speed.BEST_BY if choice.get(by)} for place, choice in choices.items()}
+
+
+def _gate_metrics(entry: TargetEntry) -> dict[str, Any]:
+    gate = entry.record.get("gate")
+    metrics = gate.get("metrics") if isinstance(gate, dict) else None
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def gate_latency(entry: TargetEntry) -> float | None:
     """The median latency the gate measured for this target, in ms, where its record has one."""
-    gate = entry.record.get("gate")
-    metrics = gate.get("metrics") if isinstance(gate, dict) else None
-    latency = metrics.get("latency_ms_median") if isinstance(metrics, dict) else None
-    return float(latency) if isinstance(latency, int | float) and not isinstance(latency, bool) else None
+    return speed.latency_ms(_gate_metrics(entry))

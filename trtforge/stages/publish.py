@@ -8,6 +8,7 @@ from typing import Any
 from trtforge.environment import environment
 from trtforge.registry import REGISTRY_ENV, registry_uri_from_env
 from trtforge.spec import ModelSpec
+from trtforge.speed import fastest_per_place
 from trtforge.summary import TargetOutcome, TargetStatus
 
 
@@ -23,9 +24,11 @@ def publish_release(
     lineage: dict[str, str | None],
     extra: dict[str, Any],
 ) -> int:
-    """Publish every passed target; returns the new version number."""
+    """Publish every passed target, with the fastest of them per place in the manifest; returns the new version number."""
     from trtforge.registry import Publisher, TargetArtifacts, open_registry_store
+    from trtforge.registry.pull import EngineFacts
 
+    passed = [o for o in outcomes if o.status is TargetStatus.PASSED]
     artifacts = [
         TargetArtifacts(
             tag=o.tag,
@@ -36,8 +39,7 @@ def publish_release(
             },
             files=o.files,
         )
-        for o in outcomes
-        if o.status is TargetStatus.PASSED
+        for o in passed
     ]
     manifest = Publisher(open_registry_store(uri)).publish(
         spec.name,
@@ -46,5 +48,6 @@ def publish_release(
         environment=environment(),
         extra=extra,
         aliases=["latest", *spec.aliases],
+        fastest=fastest_per_place((EngineFacts.of(o.record).place, o.tag, o.metrics) for o in passed),
     )
     return manifest.version
