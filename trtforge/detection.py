@@ -110,6 +110,18 @@ def detection_metrics(truth: DetectionTruth, detections: list[Detections], prefi
     return metrics
 
 
+def resampled_map(truth: DetectionTruth, detections: list[Detections], images: np.ndarray) -> float:
+    """COCO mAP@[.5:.95] on the images at ``images`` (indices, repeats allowed: each repeat is its own image), for the bootstrap."""
+    gt = _ground_truth(
+        [truth.boxes[i] for i in images],
+        [truth.labels[i] for i in images],
+        [truth.crowd[i] for i in images],
+        truth.classes,
+        (truth.height, truth.width),
+    )
+    return coco_evaluate(gt, [detections[i] for i in images])["map"]
+
+
 def agreement_metrics(truth: DetectionTruth, engine: list[Detections], reference: list[Detections], min_score: float) -> dict[str, float]:
     """How closely the engine reproduces the reference's confident detections (score >= ``min_score``).
 

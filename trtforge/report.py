@@ -25,7 +25,19 @@ PLOT_NAME = "accuracy_latency.png"
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    shown = [f"{name}={metrics[name]:.4g}" for name in SHOWN_METRICS if name in metrics]
+    """The shown metrics, each with its 95% interval and sample count where the gate measured them
+    (``accuracy=0.9889 [0.976, 0.995] n=450``), and how many of the disagreements were near ties."""
+    shown = []
+    for name in SHOWN_METRICS:
+        if name not in metrics:
+            continue
+        text = f"{name}={metrics[name]:.4g}"
+        if f"{name}.ci_low" in metrics:
+            text += f" [{metrics[f'{name}.ci_low']:.3f}, {metrics[f'{name}.ci_high']:.3f}] n={metrics[f'{name}.n']:.0f}"
+        near, real = metrics.get("near_tie_flips", 0.0), metrics.get("real_flips", 0.0)
+        if name == "agreement" and near + real:
+            text += f" ({near:.0f} of {near + real:.0f} disagreements are near ties)"
+        shown.append(text)
     return ", ".join(shown)
 
 
@@ -99,6 +111,9 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
             if target.thresholds:
                 shown = ", ".join(f"{k}={v:g}" for k, v in target.thresholds.items())
                 lines.append(f"\n`{target.tag}` thresholds: {shown}")
+            # The table shows a failed target's reason in place of its notes; resolution warnings must still be seen.
+            if target.reason and target.notes:
+                lines.append(f"\n`{target.tag}` notes: " + "; ".join(target.notes))
     chosen = chosen_engines(summary)
     if chosen:
         named = " (the manifest's `fastest`; `trtforge pull --fastest` takes it)" if summary.published else ""
