@@ -29,7 +29,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
-from trtforge.lineage import RunInputs, published_version, stage_spec_sha256
+from trtforge.lineage import RunInputs, published_version, run_inputs, stage_spec_sha256
 from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
@@ -138,7 +138,10 @@ def retrain_to_engine(
     checkpoint: str | None = None,
     registry: str | None = None,
     artifacts_dir: str = "artifacts",
+    inputs: RunInputs | None = None,
 ) -> RunSummary:
+    """``inputs``: the run's inputs where the caller hashed them already (its up-to-date check); used when they
+    are of the checkpoint this run ends up with."""
     logger = get_run_logger()
     spec = load_spec(spec_path)
     uri = registry_uri(spec, registry)
@@ -150,7 +153,9 @@ def retrain_to_engine(
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
 
     ckpt = run_step(summary, ensure_checkpoint_task, spec, Path(checkpoint) if checkpoint else None)
-    existing, inputs = published_version(store, spec, ckpt.path)
+    if inputs is None or inputs.checkpoint_sha256 != ckpt.sha256:
+        inputs = run_inputs(spec, ckpt.path, checkpoint_sha256=ckpt.sha256)
+    existing = published_version(store, spec, inputs)
     if existing is not None:
         logger.info("up to date: version %d", existing)
         return summary.model_copy(

@@ -33,7 +33,7 @@ from trtforge.tasks.watch import local_checkpoint_task, newest_checkpoint_task, 
 
 from trtforge.ci import read_run_report, write_run_report
 from trtforge.errors import RunFailed, SpecError, TrtforgeError
-from trtforge.lineage import published_version
+from trtforge.lineage import published_version, run_inputs
 from trtforge.registry import open_registry
 from trtforge.spec import ModelSpec, load_spec
 from trtforge.stages.publish import registry_uri
@@ -69,7 +69,8 @@ def _build_if_new(spec: ModelSpec, spec_path: str, checkpoint: str | None, uri: 
             retrain_into_task(spec, artifacts / "retrained" / spec.name)
         checkpoint = newest_checkpoint_task(spec).uri
     local = local_checkpoint_task(checkpoint, artifacts / "checkpoints" / spec.name)
-    existing, inputs = published_version(open_registry(uri), spec, local)
+    inputs = run_inputs(spec, local)
+    existing = published_version(open_registry(uri), spec, inputs)
     checkpoint_sha256 = inputs.checkpoint_sha256
     if existing is not None:
         logger.info("up to date: version %d (checkpoint %s, sha256 %s)", existing, checkpoint, checkpoint_sha256[:12])
@@ -77,7 +78,7 @@ def _build_if_new(spec: ModelSpec, spec_path: str, checkpoint: str | None, uri: 
             model=spec.name, registry=uri, version=existing, up_to_date=True, passed=True, message=f"up to date: version {existing}"
         )
     logger.info("new checkpoint %s (sha256 %s): building", checkpoint, checkpoint_sha256[:12])
-    return retrain_to_engine(spec_path=spec_path, checkpoint=str(local), registry=uri, artifacts_dir=str(artifacts))
+    return retrain_to_engine(spec_path=spec_path, checkpoint=str(local), registry=uri, artifacts_dir=str(artifacts), inputs=inputs)
 
 
 @flow(name=WATCH_FLOW, result_serializer="json")

@@ -56,7 +56,7 @@ def test_invalid_yaml_is_reported(tmp_path):
         ),
         (
             lambda d: d["targets"][0].update(workspace_mb=5),
-            r"targets\[0\]\.workspace_mb: is not an option of backend 'onnxruntime'; its options are device, gate, precision",
+            r"targets\[0\]\.workspace_mb: is not an option of backend 'onnxruntime'; its options are device, gate, ladder, precision",
         ),
         (lambda d: d["targets"][0].update(precision="int4"), r"targets\[0\]\.precision: Input should be"),
         (lambda d: d.pop("eval"), r"eval: Field required"),

@@ -108,21 +108,24 @@ def _pipeline_flow(module: str, name: str, command: str):
 
 
 def _already_published(spec, checkpoint: Path, registry: str | None):
-    """The run's summary when a published version has exactly these inputs: decided before any Prefect server starts."""
-    from trtforge.lineage import published_version
+    """Decided before any Prefect server starts: the run's summary when a published version has exactly these
+    inputs (else None), and the inputs, hashed once here for the flow to reuse (None without a checkpoint yet)."""
+    from trtforge.lineage import published_version, run_inputs
     from trtforge.registry import open_registry
     from trtforge.stages.publish import registry_uri
     from trtforge.summary import RunSummary
 
     if not Path(checkpoint).is_file():
-        return None
+        return None, None
     uri = registry_uri(spec, registry)
-    version, _ = published_version(open_registry(uri), spec, Path(checkpoint))
+    inputs = run_inputs(spec, Path(checkpoint))
+    version = published_version(open_registry(uri), spec, inputs)
     if version is None:
-        return None
-    return RunSummary(
+        return None, inputs
+    summary = RunSummary(
         model=spec.name, registry=uri, version=version, up_to_date=True, passed=True, message=f"up to date: version {version}"
     )
+    return summary, inputs
 
 
 def _fail(message: str) -> None:
@@ -159,7 +162,7 @@ def run(
     from trtforge.spec import load_spec
 
     loaded = load_spec(spec)  # fail on a bad spec before starting Prefect
-    summary, failed = _already_published(loaded, checkpoint or loaded.checkpoint, registry), None
+    (summary, inputs), failed = _already_published(loaded, checkpoint or loaded.checkpoint, registry), None
     if summary is None:
         # The embedded API server starts in a subprocess; on a busy 2-core machine Prefect's
         # 20 s default is not always enough.
@@ -168,7 +171,11 @@ def run(
         retrain_to_engine = _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run")
         try:
             summary = retrain_to_engine(
-                spec_path=str(spec), checkpoint=str(checkpoint) if checkpoint else None, registry=registry, artifacts_dir=str(artifacts)
+                spec_path=str(spec),
+                checkpoint=str(checkpoint) if checkpoint else None,
+                registry=registry,
+                artifacts_dir=str(artifacts),
+                inputs=inputs,
             )
         except RunFailed as err:
             summary, failed = err.summary, err
@@ -239,7 +246,7 @@ def ci_command(
             _for_worker(uri),
             on_started=lambda line: typer.echo(line, err=True),
         )
-    elif "://" not in checkpoint and (published := _already_published(loaded, Path(checkpoint), uri)) is not None:
+    elif "://" not in checkpoint and (published := _already_published(loaded, Path(checkpoint), uri)[0]) is not None:
         summary = published
     else:
         watch = _pipeline_flow("watch", "watch", "ci")
@@ -610,14 +617,31 @@ def gc_command(
     older_than: Annotated[float, typer.Option("--older-than", min=0, help="Only remove leftovers older than this many hours.")] = 24.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
     registry: RegistryUriOption = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Prune this machine's work and cache folders under --artifacts instead of the registry.")
+    ] = False,
+    artifacts: Annotated[Path, typer.Option(help="With --local: the folder runs wrote to.")] = Path("artifacts"),
+    max_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--max-gb",
+            min=0,
+            help="With --local: then remove the least recently used until the rest fit (default $TRTFORGE_LOCAL_CACHE_GB, then 20).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Remove what crashed publishes and runs left: versions without a manifest, staging folders, unfinished uploads.
 
-    Never a published version.
+    Never a published version. With --local, this machine's export work folders and precision and
+    reference caches unused for --older-than hours go instead, then the least recently used until
+    the rest fit the cap; nothing used in the last hour is removed.
     """
     from datetime import timedelta
 
+    if local:
+        _gc_local(artifacts, timedelta(hours=older_than), max_gb, dry_run, as_json)
+        return
     report = _maintenance(registry).gc(older_than=timedelta(hours=older_than), dry_run=dry_run)
     if as_json:
         print_json(report.model_dump(mode="json"))
@@ -631,3 +655,20 @@ def gc_command(
         typer.echo(f"{verb} unfinished upload of {upload.key} (started {upload.initiated:%Y-%m-%d %H:%M:%S} UTC)")
     if not report.versions and not report.staging and not report.uploads:
         typer.echo(f"nothing to remove in {report.registry} older than {older_than:g} h")
+
+
+def _gc_local(artifacts: Path, older_than, max_gb: float | None, dry_run: bool, as_json: bool) -> None:
+    from trtforge.localcache import cap_bytes_from_environment, prune
+
+    cap = int(max_gb * 1024**3) if max_gb is not None else cap_bytes_from_environment()
+    report = prune(artifacts, cap_bytes=cap, older_than=older_than, dry_run=dry_run)
+    if as_json:
+        print_json(report.model_dump(mode="json") | {"freed_bytes": report.freed_bytes, "kept_bytes": report.kept_bytes})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in report.removed:
+        typer.echo(f"{verb} {entry.kind} {entry.path} ({entry.bytes / 1024**2:.1f} MiB)")
+    typer.echo(
+        f"{len(report.removed)} entries ({report.freed_bytes / 1024**2:.1f} MiB) {verb}; {len(report.kept)} kept "
+        f"({report.kept_bytes / 1024**2:.1f} MiB, cap {cap / 1024**3:g} GiB) in {report.root}"
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from trtforge.hashing import code_version, sha256_file
+from trtforge.hashing import sha256_file
 from trtforge.spec import ModelSpec
 from trtforge.stages.runner import SPEC_FIELDS_READ, Stage
 
@@ -43,10 +43,10 @@ class RunInputs(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
-def run_inputs(spec: ModelSpec, checkpoint: Path) -> RunInputs:
-    """Hash every input of a run of ``spec`` on ``checkpoint``."""
+def run_inputs(spec: ModelSpec, checkpoint: Path, checkpoint_sha256: str | None = None) -> RunInputs:
+    """Hash every input of a run of ``spec`` on ``checkpoint`` (whose sha256 may be known already)."""
     return RunInputs(
-        checkpoint_sha256=sha256_file(checkpoint),
+        checkpoint_sha256=checkpoint_sha256 or sha256_file(checkpoint),
         spec_sha256=spec.sha256(),
         model_code_sha256=model_code_sha256(spec),
         calibration_data_sha256=data_sha256(spec.calibration.data) if spec.calibration is not None else None,
@@ -138,15 +138,18 @@ def data_sha256(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def full_code_version() -> str:
-    """trtforge's version and a hash of its library, task and flow sources: any change there rebuilds."""
-    digest = hashlib.sha256(code_version().encode())
-    for package in ("trtforge.tasks", "trtforge.flows"):
+    """trtforge's version and a hash of its library (with its data files), task and flow sources: any change there rebuilds."""
+    import trtforge
+
+    digest = hashlib.sha256()
+    for package in ("trtforge", "trtforge.tasks", "trtforge.flows"):
         spec = importlib.util.find_spec(package)
         for folder in spec.submodule_search_locations if spec and spec.submodule_search_locations else []:
-            for path in sorted(Path(folder).rglob("*.py")):
-                digest.update(f"{package}/{path.relative_to(folder)}".encode())
-                digest.update(path.read_bytes())
-    return f"{code_version()}+{digest.hexdigest()[:12]}"
+            for path in sorted(Path(folder).rglob("*")):
+                if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
+                    digest.update(f"{package}/{path.relative_to(folder)}".encode())
+                    digest.update(path.read_bytes())
+    return f"{trtforge.__version__}+{digest.hexdigest()[:12]}"
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -166,7 +169,6 @@ def _distribution_version(name: str) -> str | None:
     return None
 
 
-def published_version(registry, spec: ModelSpec, checkpoint: Path) -> tuple[int | None, RunInputs]:
-    """The newest version of ``spec.name`` built from exactly these inputs (None when there is none), and the inputs."""
-    inputs = run_inputs(spec, checkpoint)
-    return registry.find_by_lineage(spec.name, inputs.digest), inputs
+def published_version(registry, spec: ModelSpec, inputs: RunInputs) -> int | None:
+    """The newest version of ``spec.name`` built from exactly these inputs, or None when there is none."""
+    return registry.find_by_lineage(spec.name, inputs.digest)
