@@ -25,6 +25,7 @@ def build_target(request: BuildRequest, run_id: str) -> str:
     staging = Staging(open_registry(request.registry), spec.name, run_id)
     with tempfile.TemporaryDirectory(prefix="trtforge-build-") as tmp:
         work = Path(tmp)
+        staging.get_external_data(request.onnx_path.name, request.onnx_external, work)
         local = request.model_copy(
             update={
                 "onnx_path": staging.get(request.onnx_path.name, work / "model.onnx", request.onnx_sha256),

@@ -14,9 +14,11 @@ from trtforge.tasks.stage import stage_task
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
+from trtforge.safeio import external_data_files, load_onnx_safely
+from trtforge.spec import load_spec
 from trtforge.stages.build import BuildRequest
 from trtforge.stages.runner import Stage
-from trtforge.staging import Staging, target_slot
+from trtforge.staging import Staging, external_data_name, target_slot
 from trtforge.summary import TargetOutcome
 
 
@@ -41,6 +43,12 @@ def build_on_worker_task(deployment: str, request: BuildRequest, model: str, run
     onnx_sha256, reference_sha256 = sha256_file(request.onnx_path), sha256_file(request.reference.path)
     onnx_name = f"onnx-{onnx_sha256[:16]}.onnx"
     staging.put(onnx_name, request.onnx_path)
+    # A model over protobuf's 2 GB keeps its weights in files beside it: they travel too, each checked on arrival.
+    plugins = load_spec(request.spec_path).plugins
+    external = {}
+    for location in external_data_files(load_onnx_safely(request.onnx_path, plugins=plugins, load_external_data=False)):
+        external[location] = sha256_file(request.onnx_path.parent / location)
+        staging.put(external_data_name(onnx_name, location), request.onnx_path.parent / location)
     staging.put("reference.npz", request.reference.path)
     staged = request.model_copy(
         update={
@@ -48,6 +56,7 @@ def build_on_worker_task(deployment: str, request: BuildRequest, model: str, run
             "reference": request.reference.model_copy(update={"path": Path("reference.npz")}),
             "onnx_sha256": onnx_sha256,
             "reference_sha256": reference_sha256,
+            "onnx_external": external,
         }
     )
     get_run_logger().info("target %d: building on deployment %s", request.target_index, deployment)

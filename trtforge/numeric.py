@@ -40,6 +40,10 @@ def onnxruntime_session(onnx_path: Path, optimized_path: Path | None = None, dis
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        # The saved engine is one self-contained file: without these, onnxruntime keeps a source model's
+        # external-data references, which point at files the engine's folder (and the registry) never has.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "inline.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 62))
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 

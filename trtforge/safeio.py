@@ -253,19 +253,34 @@ def _external_field(path: Path, where: str, entries: dict[str, str], key: str) -
     return value
 
 
+def external_data_files(model) -> list[str]:
+    """The external data locations of a model ``load_onnx_safely`` read (so each is known to stay inside its folder)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t, _ in _tensors(model) if uses_external_data(t)})
+
+
+def location_problem(location: str) -> str | None:
+    """Why ``location`` cannot name a file inside a model's folder, as a verb phrase ("is an absolute path"), or None."""
+    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
+        return "is an absolute path"
+    # Backslashes separate folders on Windows only: '..' is refused in either reading.
+    if ".." in PurePosixPath(location).parts or ".." in PureWindowsPath(location).parts:
+        return "leaves the model's folder through '..'"
+    if not PurePosixPath(location).parts or "\0" in location:
+        return "is not a file name"
+    return None
+
+
 def _check_external(path: Path, folder: Path, tensor, where: str, expected: int) -> None:
     entries = {entry.key: entry.value for entry in tensor.external_data}
     location = entries.get("location", "")
     refusal = f"ONNX model {path}: {where} has external data at {location!r}"
     fix = f"external data must be regular files inside {folder}, named by relative paths: save the model again with onnx.save"
-    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
-        raise OnnxModelError(f"{refusal}, an absolute path; {fix}")
-    # Backslashes separate folders on Windows only: '..' is refused in either reading.
-    if ".." in PurePosixPath(location).parts or ".." in PureWindowsPath(location).parts:
-        raise OnnxModelError(f"{refusal}, which leaves the model's folder through '..'; {fix}")
+    problem = location_problem(location)
+    if problem is not None:
+        raise OnnxModelError(f"{refusal}, which {problem}; {fix}")
     parts = PurePosixPath(location).parts
-    if not parts or "\0" in location:
-        raise OnnxModelError(f"{refusal}, which is not a file name; {fix}")
     current = folder
     for part in parts:
         current = current / part

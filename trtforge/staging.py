@@ -15,6 +15,7 @@ from pathlib import Path
 from trtforge.errors import RegistryError
 from trtforge.hashing import sha256_file
 from trtforge.registry.common import staging_prefix
+from trtforge.safeio import location_problem
 from trtforge.summary import TargetOutcome
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -22,6 +23,11 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def target_slot(target_index: int) -> str:
     return f"target-{target_index}"
+
+
+def external_data_name(onnx_name: str, location: str) -> str:
+    """Where an external data file of the staged ONNX ``onnx_name`` is staged."""
+    return f"{onnx_name}.data/{location}"
 
 
 class Staging:
@@ -35,6 +41,14 @@ class Staging:
         key = f"{self.prefix}/{name}"
         self.registry.store.upload_file(key, path)
         return key
+
+    def get_external_data(self, onnx_name: str, external: dict[str, str], model_dir: Path) -> None:
+        """Fetch the staged ONNX's external data files into ``model_dir``, each checked to stay inside it and against its sha256."""
+        for location, sha256 in external.items():
+            problem = location_problem(location)
+            if problem is not None:
+                raise RegistryError(f"refused: the staged external data location {location!r} of {onnx_name} {problem}")
+            self.get(external_data_name(onnx_name, location), model_dir / location, sha256)
 
     def get(self, name: str, dest: Path, sha256: str | None = None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,8 @@ class BuildRequest(BaseModel):
     # paths are then staging names, and the worker checks what it fetches against these.
     onnx_sha256: str | None = None
     reference_sha256: str | None = None
+    # The staged ONNX's external data files: location (relative to the model) -> sha256.
+    onnx_external: dict[str, str] = {}
 
 
 def build_requested(request: BuildRequest) -> TargetOutcome:

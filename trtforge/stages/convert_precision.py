@@ -37,7 +37,7 @@ from trtforge.lineage import stage_cache_key
 from trtforge.localcache import mark_used
 from trtforge.numeric import NUMPY_DTYPES
 from trtforge.onnxfacts import PrecisionFacts, precision_facts
-from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, load_arrays, load_onnx_safely
+from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, external_data_files, load_arrays, load_onnx_safely
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 from trtforge.stages.runner import Stage
 
@@ -419,7 +419,7 @@ def _cache_key(
     decided_by = {
         "onnx_sha256": sha256_file(onnx_path),
         # The weights of a large model live beside it: a change there must miss the cache too.
-        "external_data_sha256": {location: sha256_file(onnx_path.parent / location) for location in _external_locations(model)},
+        "external_data_sha256": {location: sha256_file(onnx_path.parent / location) for location in external_data_files(model)},
         "precision": precision.value,
         "calibration_sha256": data_digest,
         "calibration_batch_size": plan.batch_size if plan else None,
@@ -453,17 +453,11 @@ def _stage_input(onnx_path: Path, model, work: Path) -> Path:
     """
     staged = work / "input.onnx"
     shutil.copyfile(onnx_path, staged)
-    for location in _external_locations(model):
+    for location in external_data_files(model):
         target = work / location
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(onnx_path.parent / location, target)
     return staged
-
-
-def _external_locations(model) -> list[str]:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    return sorted({ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)})
 
 
 def _write_batches(
