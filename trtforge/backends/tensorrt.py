@@ -472,6 +472,52 @@ def _build_gpu_here(record: dict[str, Any]) -> str | None:
     return bus_id
 
 
+def _output_allocator(trt, cuda, dtypes: dict[str, np.dtype]):
+    """Device memory for outputs whose shape the engine learns only while it runs (NMS, NonZero): TensorRT asks
+    for it through ``reallocate_output_async`` and reports the shape through ``notify_shape``. The same
+    protocol as polygraphy's TrtRunner, on the runner's own CUDA runtime."""
+
+    class OutputAllocator(trt.IOutputAllocator):
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.buffers: dict[str, DeviceBuffer] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def _reallocate(self, name: str, size: int) -> int:
+            buffer = self.buffers.get(name)
+            if buffer is None:
+                buffer = self.buffers[name] = DeviceBuffer(cuda, dtypes[name])
+            # Room for ``size`` bytes (TensorRT's upper bound), at least one element, as the output's dtype.
+            buffer.resize((max(1, -(-int(size) // buffer.dtype.itemsize)),))
+            return buffer.ptr
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            return self._reallocate(tensor_name, size)
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self._reallocate(tensor_name, size)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(int(d) for d in shape)
+
+        def copy_out(self, name: str, stream: int) -> np.ndarray:
+            """The output TensorRT wrote, at the shape it reported (the buffer may be larger)."""
+            if name not in self.shapes:
+                raise StageError("run", f"TensorRT ran but reported no shape for the data-dependent output {name!r}")
+            array = np.empty(self.shapes[name], dtype=dtypes[name])
+            buffer = self.buffers[name]
+            buffer.resize(array.shape)
+            buffer.copy_to(array, stream)
+            return array
+
+        def free(self) -> None:
+            for buffer in self.buffers.values():
+                buffer.free()
+            self.buffers.clear()
+
+    return OutputAllocator()
+
+
 class TensorRTRunner:
     """Runs a TensorRT plan on one GPU: one execution context, one stream.
 
@@ -485,12 +531,13 @@ class TensorRTRunner:
         self._stream = 0
         self._buffers: dict[str, DeviceBuffer] = {}
         self._pending: list[np.ndarray] = []
+        self._allocator = None
         self._context = None
         self._engine = None
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise StageError("load", f"engine file {self.engine_path} does not exist: build the target first")
-        trt = _runtime_module(runtime)
+        trt = self._trt = _runtime_module(runtime)
         try:
             self._cuda = cuda_runtime()
         except CudaError as err:
@@ -565,6 +612,9 @@ class TensorRTRunner:
         for buffer in self._buffers.values():
             buffer.free()
         self._buffers.clear()
+        if self._allocator is not None:
+            self._allocator.free()
+            self._allocator = None
         if self._stream:
             self._cuda.destroy_stream(self._stream)
             self._stream = 0
@@ -602,8 +652,8 @@ class TensorRTRunner:
             )
         return buffer
 
-    def _prepare(self, arrays: dict[str, np.ndarray], profile: int) -> dict[str, tuple[int, ...]]:
-        """Bind inputs (copied to the GPU) and output buffers; returns the output shapes."""
+    def _prepare(self, arrays: dict[str, np.ndarray], profile: int) -> dict[str, tuple[int, ...] | None]:
+        """Bind inputs (copied to the GPU) and output buffers; returns the output shapes, None where the data decides it."""
         if profile != self._active_profile:
             # The bindings raise RuntimeError for a refused profile rather than returning False.
             try:
@@ -619,17 +669,22 @@ class TensorRTRunner:
             self._device_buffer(name, array.shape).copy_from(array, self._stream)
             # The copy is asynchronous: the host array must outlive it.
             self._pending.append(array)
-        output_shapes = {}
+        output_shapes: dict[str, tuple[int, ...] | None] = {}
         for name in self.output_names:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise StageError(
-                    "run",
-                    f"output {name!r} of {self.engine_path} has a data-dependent shape {list(shape)}, which trtforge does not serve",
-                )
+                self._allocate_on_demand(name)
+                output_shapes[name] = None
+                continue
             self._device_buffer(name, shape)
             output_shapes[name] = shape
         return output_shapes
+
+    def _allocate_on_demand(self, name: str) -> None:
+        if self._allocator is None:
+            self._allocator = _output_allocator(self._trt, self._cuda, self._dtypes)
+        if not self._context.set_output_allocator(name, self._allocator):
+            raise StageError("run", f"TensorRT refused an output allocator for the data-dependent output {name!r} of {self.engine_path}")
 
     def _enqueue(self) -> None:
         if not self._context.execute_async_v3(self._stream):
@@ -647,6 +702,10 @@ class TensorRTRunner:
         self._enqueue()
         outputs = {}
         for name, shape in output_shapes.items():
+            if shape is None:
+                # TensorRT has reported the shape by the time the enqueue returns (it waits for it).
+                outputs[name] = self._allocator.copy_out(name, self._stream)
+                continue
             outputs[name] = np.empty(shape, dtype=self._dtypes[name])
             self._buffers[name].copy_to(outputs[name], self._stream)
         self._cuda.synchronize(self._stream)
