@@ -800,3 +800,28 @@ def test_a_timing_cache_tensorrt_will_not_combine_is_left_as_it_is(tmp_path):
     assert shared.read_bytes() == b"ours" + b"another version's tactics"
     fresh = tmp_path / "caches" / "new.cache"
     assert _save_timing_cache(_Config(_TimingCache(b"ours")), fresh, "new") == ("new", 4)
+
+
+def _nonzero_onnx(path: Path) -> Path:
+    """An output whose length only the data decides: the indices of the input's values above 0.5."""
+    threshold = helper.make_tensor("threshold", TensorProto.FLOAT, [], [0.5])
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["input", "threshold"], ["above"]), helper.make_node("NonZero", ["above"], ["logits"])],
+        "nonzero",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.INT64, [4, "found"])],
+        initializer=[threshold],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.tensorrt
+def test_a_data_dependent_output_is_served_at_the_shape_the_data_gives(digits_spec, local_arch, tmp_path):
+    _, _, built = _build(digits_spec, _nonzero_onnx(tmp_path / "nonzero.onnx"), tmp_path / "engine", arch=local_arch)
+    rng = np.random.default_rng(0)
+    with get_backend("tensorrt").load_runner(built.engine_path) as runner:
+        for batch in (1, 32, 128):
+            feeds = {"input": rng.random((batch, 1, 8, 8), dtype=np.float32)}
+            found = runner.run(feeds)["logits"]
+            np.testing.assert_array_equal(found, np.array(np.nonzero(feeds["input"] > 0.5)))
