@@ -152,7 +152,11 @@ def retrain_to_engine(
     run_dir = artifacts / "runs" / spec.name / run_id
     summary = RunSummary(model=spec.name, registry=uri, run_dir=run_dir)
 
-    ckpt = run_step(summary, ensure_checkpoint_task, spec, Path(checkpoint) if checkpoint else None)
+    try:
+        ckpt = run_step(summary, ensure_checkpoint_task, spec, Path(checkpoint) if checkpoint else None)
+    except TrtforgeError as err:
+        _ended_by(err, summary.model_copy(update={"run_dir": None}))
+        raise
     if inputs is None or inputs.checkpoint_sha256 != ckpt.sha256:
         inputs = run_inputs(spec, ckpt.path, checkpoint_sha256=ckpt.sha256)
     existing = published_version(store, spec, inputs)
@@ -167,7 +171,7 @@ def retrain_to_engine(
     try:
         _build_and_publish(spec, spec_path, ckpt, inputs, store, uri, artifacts, run_id, summary)
     except TrtforgeError as err:
-        summary.message = summary.message or str(err)
+        _ended_by(err, summary)
         raise
     finally:
         staging.clear()
@@ -401,6 +405,14 @@ def _convert(
         )
     )
     return result.onnx_path
+
+
+def _ended_by(err: TrtforgeError, summary: RunSummary) -> None:
+    """Record the error that ended the run in its summary, and hand the summary to the caller through the error."""
+    summary.message = summary.message or str(err)
+    if not isinstance(err, RunFailed):
+        summary.failed_stage = getattr(failed_stage(err), "value", None)
+    err.summary = summary
 
 
 def _finish(summary: RunSummary) -> None:

@@ -110,7 +110,7 @@ def watch(
         except RunFailed as err:
             summary, failure = err.summary, err
         except TrtforgeError as err:
-            summary = RunSummary(model=spec.name, registry=uri, message=str(err))
+            summary = err.summary or RunSummary(model=spec.name, registry=uri, message=str(err))
             failure = RunFailed(str(err), summary)
     if report_id is not None:
         write_run_report(open_registry(uri), summary, report_id)

@@ -7,6 +7,7 @@ its own, as a CI job does, and reads its stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,15 +62,18 @@ def test_a_failed_gate_prints_the_table_and_one_error_line(tmp_path, digits_chec
     assert "failed" in done.stdout and "top-1 accuracy" in done.stdout
 
 
-def test_a_refused_pickle_checkpoint_is_one_error_line(tmp_path, digits_checkpoint):
+def test_a_refused_pickle_checkpoint_is_one_error_line_and_one_json_object(tmp_path, digits_checkpoint):
     evil = tmp_path / "evil.pt"
     torch.save({"weights": RunsCode()}, evil)
     spec = write_spec(tmp_path / "spec", evil, train=None)
-    done = trtforge(*run_args(spec, tmp_path), tmp_path=tmp_path)
+    done = trtforge(*run_args(spec, tmp_path, "--json"), tmp_path=tmp_path)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     (line,) = error_lines(done)
     assert str(evil) in line and "refused" in line
+    printed = json.loads(done.stdout)
+    assert printed["passed"] is False and printed["published"] is False
+    assert printed["failed_stage"] == "export" and printed["message"] == line.removeprefix("error: ")
 
 
 def test_a_required_target_without_a_worker_is_one_error_line(tmp_path, digits_checkpoint):

@@ -445,3 +445,14 @@ def test_model_with_external_data_converts_and_its_weights_are_part_of_the_cache
     _forbid_conversion(monkeypatch)
     with pytest.raises(AssertionError, match="ModelOpt was started"):
         convert_precision(path, Precision.INT8, digits_calibration, PrecisionOptions(), spec=digits_spec, cache_dir=cache)
+
+
+def test_entropy_calibrations_histogram_failure_suggests_max_calibration(digits_onnx):
+    """numpy's own error, as ModelOpt's entropy calibration raised it on a real model's narrow-range tensor
+    (no small model reproduces that range): the message must lead to the fix that worked there."""
+    from trtforge.stages.convert_precision import _describe_failure
+
+    numpy_error = ValueError("Too many bins for data range. Cannot create 128 finite-sized bins.")
+    message = _describe_failure(numpy_error, str(digits_onnx), "int8", [])
+    assert message.startswith("ModelOpt could not convert the model to int8: ValueError: Too many bins for data range")
+    assert message.endswith("set precision.calibration_method: max in the spec, or add calibration samples that vary more")

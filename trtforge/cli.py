@@ -137,6 +137,8 @@ def _fail(message: str) -> None:
 def _print_run_table(summary) -> None:
     from trtforge.report import format_metrics
 
+    if not summary.targets:
+        return
     headers = ["target", "status", "metrics"]
     rows = [[t.tag, t.status.value + ("" if t.required else " (optional)"), format_metrics(t.metrics)] for t in summary.targets]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -157,7 +159,6 @@ def run(
     as_json: JsonFlag = False,
 ) -> None:
     """Run the retrain-to-engine flow: checkpoint, export, simplify, build, gate, publish."""
-    from trtforge.errors import RunFailed
     from trtforge.report import markdown_summary
     from trtforge.spec import load_spec
 
@@ -177,7 +178,9 @@ def run(
                 artifacts_dir=str(artifacts),
                 inputs=inputs,
             )
-        except RunFailed as err:
+        except TrtforgeError as err:
+            if err.summary is None:
+                raise
             summary, failed = err.summary, err
         except RuntimeError as err:
             if "Prefect API" not in str(err):
@@ -194,7 +197,7 @@ def run(
         else:
             _print_run_table(summary)
             typer.echo(summary.message)
-            if summary.run_dir:
+            if summary.run_dir and (summary.run_dir / "report.md").is_file():
                 typer.echo(f"report: {summary.run_dir / 'report.md'}")
     if failed is not None:
         _fail(summary.message)
@@ -415,7 +418,7 @@ def show_command(
     registry: RegistryUriOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show the manifest of one version: targets, files with SHA-256, lineage, environment."""
+    """Show the manifest of one version: targets, files with SHA-256, lineage, environment, serving contract."""
     manifest = _reader(registry).manifest(model, version)
     if as_json:
         print_json(manifest.model_dump(mode="json"))
@@ -425,6 +428,12 @@ def show_command(
     for name, value in manifest.lineage.model_dump().items():
         typer.echo(f"  {name}: {value}")
     typer.echo("environment: " + ", ".join(f"{name} {value}" for name, value in manifest.environment.items() if value))
+    if manifest.serving is not None:
+        from trtforge.serving import describe
+
+        typer.echo("serving:")
+        for line in describe(manifest.serving):
+            typer.echo(f"  {line}")
     fastest = _fastest_by_place(manifest)
     for entry in manifest.targets.values():
         mark = "".join(f"  [{where}]" for where in fastest.get(entry.tag, []))

@@ -13,6 +13,8 @@ class TrtforgeError(Exception):
 
     # The pipeline stage it was raised in, where known (set by trtforge.stages.runner.run_stage).
     stage: str | None = None
+    # The summary of the run it ended, where it ended one (the CLI still prints it, and --json).
+    summary: object | None = None
 
 
 class SpecError(TrtforgeError):

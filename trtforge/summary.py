@@ -94,6 +94,8 @@ class RunSummary(BaseModel):
     registry: str
     run_dir: Path | None = None
     message: str = ""
+    # The stage a run-ending error came from, when the run did not get as far as its targets' verdict.
+    failed_stage: str | None = None
     stages: list[StageTiming] = []
     targets: list[TargetOutcome] = []
     warnings: list[str] = []
@@ -110,6 +112,7 @@ class RunSummary(BaseModel):
             "up_to_date": self.up_to_date,
             "passed": self.passed,
             "message": self.message,
+            "failed_stage": self.failed_stage,
             "targets": [
                 {
                     "tag": t.tag,

@@ -38,6 +38,7 @@ from trtforge.localcache import mark_used
 from trtforge.numeric import NUMPY_DTYPES
 from trtforge.onnxfacts import PrecisionFacts, precision_facts
 from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, external_data_files, load_arrays, load_onnx_safely
+from trtforge.serving import carry_metadata
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
 from trtforge.stages.runner import Stage
 
@@ -299,6 +300,7 @@ def convert_file(source: str, destination: str, precision: str, batch_dir: str |
             )
         if not Path(destination).is_file():
             raise RuntimeError("ModelOpt finished without writing a model")
+        carry_metadata(Path(source), Path(destination))
         onnx.checker.check_model(destination, full_check=True)
     except Exception as err:
         raise StageError(STAGE, _describe_failure(err, source, precision, plugins)) from None
@@ -347,6 +349,13 @@ def _describe_failure(err: Exception, source: str, precision: str, plugins: list
     mentioned = sorted((n for n in nodes if n.name and n.name in reason), key=lambda n: len(n.name), reverse=True)
     if mentioned:
         detail += f" [node {mentioned[0].name!r}, op {mentioned[0].op_type}]"
+    if "Too many bins for data range" in reason:
+        # Entropy calibration builds a histogram per tensor; a tensor whose calibration values span
+        # (almost) nothing has no finite bins. Max calibration needs no histogram.
+        return detail + (
+            "; a tensor's calibration values span too narrow a range for entropy calibration's histogram: set "
+            "precision.calibration_method: max in the spec, or add calibration samples that vary more"
+        )
     return detail + (
         "; fix the model there, keep the node out of conversion (precision.exclude_nodes or keep_fp32_nodes in the spec), "
         "or choose another precision for this target"
