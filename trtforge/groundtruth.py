@@ -162,6 +162,13 @@ def _records(path: Path, data: Any, key: str, fields: tuple[str, ...]) -> list[d
     return records
 
 
+def coco_class_names(path: Path) -> list[str]:
+    """The class names of the model's class indices when eval.classes is unset: the COCO categories by id, as _read_coco orders them."""
+    categories = _records(path, _read_json(path), "categories", ("id", "name"))
+    by_category = {c["id"]: c["name"] for c in categories}
+    return [str(by_category[c]) for c in sorted(by_category)]
+
+
 def _read_coco(
     spec: ModelSpec, path: Path, sample_ids: np.ndarray | None, height: int, width: int
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:

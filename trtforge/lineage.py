@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from trtforge.hashing import sha256_file
+from trtforge.serving import serving_info
 from trtforge.spec import ModelSpec
 from trtforge.stages.runner import SPEC_FIELDS_READ, Stage
 
@@ -67,7 +68,12 @@ def stage_spec_sha256(spec: ModelSpec, stage: Stage) -> str:
     fields = SPEC_FIELDS_READ.get(stage)
     if fields is None:
         return spec.sha256() + model_code_sha256(spec)
-    return spec.sha256_of(fields) + (model_code_sha256(spec) if "model" in fields else "")
+    digest = spec.sha256_of(fields) + (model_code_sha256(spec) if "model" in fields else "")
+    if stage is Stage.EXPORT:
+        # The exported ONNX carries the serving contract, built from fields (eval, calibration, serving)
+        # and a COCO file's categories that the export does not otherwise read.
+        digest += serving_info(spec).sha256()
+    return digest
 
 
 def model_code_sha256(spec: ModelSpec) -> str:

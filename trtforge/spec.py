@@ -28,6 +28,8 @@ DEFAULT_REGISTRY = "file://artifacts/registry"
 # No real spec comes near these; YAML aliases can expand a small file past them (or into itself).
 MAX_SPEC_VALUES = 100_000
 MAX_SPEC_DEPTH = 64
+# Calibration data with these suffixes holds the model's inputs ready-made; anything else is read as images.
+ARRAY_DATA_SUFFIXES = (".npz", ".npy")
 # Where checkpoints are looked for changes nothing that is built: it stays out of the spec's hash.
 NOT_IN_LINEAGE = {"watch"}
 
@@ -268,6 +270,15 @@ class CalibrationSpec(Strict):
     )
 
 
+class ServingSpec(Strict):
+    """What a server must know that the rest of the spec does not say (trtforge.serving builds the contract)."""
+
+    preprocessing: dict[str, Preprocessing] = Field(
+        default_factory=dict,
+        description="per input name, how a client turns an image into it; for models calibrated on ready-made arrays",
+    )
+
+
 class LadderOptions(Strict):
     """The precision ladder: when an int8/fp8 target fails its gate, keep its most sensitive nodes out of quantization and re-gate."""
 
@@ -495,6 +506,7 @@ class ModelSpec(Strict):
     plugins: list[str] = Field(default_factory=list, description="op domains or op types served by TensorRT plugins")
     allow_pickle_checkpoints: bool = True
     watch: WatchSpec | None = None
+    serving: ServingSpec | None = None
 
     # Set by parse_spec: where relative paths were resolved from, and the hash of the spec as written
     # (before resolution, so the same spec hashes the same in any checkout).
@@ -531,6 +543,32 @@ class ModelSpec(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"input/output names must be unique, repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _serving_preprocessing_fits(self) -> ModelSpec:
+        if self.serving is None:
+            return self
+        inputs = {i.name: i for i in self.inputs}
+        for name, preprocessing in self.serving.preprocessing.items():
+            field = f"serving.preprocessing.{name}"
+            if name not in inputs:
+                raise ValueError(f"{field}: {name!r} is not an input of the spec ({sorted(inputs)}): key it by an input's name")
+            shape = inputs[name].shape
+            channels = shape[1 if preprocessing.layout == "NCHW" else -1] if len(shape) == 4 else None
+            if len(shape) != 4 or (isinstance(channels, int) and channels != preprocessing.channels):
+                raise ValueError(
+                    f"{field}: color {preprocessing.color!r} in layout {preprocessing.layout} gives [N, C, H, W] or [N, H, W, C] "
+                    f"with {preprocessing.channels} channel(s), but input {name!r} has shape {shape}: fix color or layout"
+                )
+            calibration = self.calibration
+            reads_images = calibration is not None and calibration.data.suffix.lower() not in ARRAY_DATA_SUFFIXES
+            calibrated = (calibration.preprocessing or Preprocessing()) if reads_images else None
+            if name == self.inputs[0].name and calibrated is not None and calibrated != preprocessing:
+                raise ValueError(
+                    f"{field} differs from calibration.preprocessing (or its defaults), which the calibration images were "
+                    f"read with: remove {field} (the calibration's is served)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trtforge.errors import IntegrityError, RegistryError
 from trtforge.registry.names import check_alias, check_file_name, check_model, check_tag
+from trtforge.serving import ServingInfo
 
 MANIFEST_FORMAT = 1
 ALIAS_HISTORY_LIMIT = 50
@@ -111,6 +112,8 @@ class Manifest(_Frozen):
     targets: dict[str, TargetEntry] = Field(min_length=1)
     # Written at publish from the gates' metrics; absent from manifests published before it existed.
     fastest: dict[str, FastestOnPlace] = Field(default_factory=dict)
+    # What a server must know to feed the engines and read their outputs; absent from older manifests.
+    serving: ServingInfo | None = None
 
     @field_validator("model")
     @classmethod

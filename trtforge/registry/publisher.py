@@ -45,6 +45,7 @@ from trtforge.registry.names import check_alias, check_file_name, check_model, c
 from trtforge.registry.reader import RegistryReader
 from trtforge.registry.signing import Signer, VersionSigner, signer_from_env
 from trtforge.registry.storage import ObjectStore, PreconditionFailed, RegistryUnreachable
+from trtforge.serving import ServingInfo
 
 # publish(signer=...) default: sign as $TRTFORGE_SIGNING_KEY / $TRTFORGE_SIGNING_SIGSTORE say.
 FROM_ENVIRONMENT = "environment"
@@ -95,11 +96,13 @@ class Publisher:
         aliases: list[str] | tuple[str, ...] = ("latest",),
         signer: Signer | Literal["environment"] | None = FROM_ENVIRONMENT,
         fastest: dict[str, dict[str, Any]] | None = None,
+        serving: ServingInfo | None = None,
     ) -> Manifest:
         """Publish ``targets`` as the next version of ``model`` and move ``aliases`` forward to it.
 
         ``fastest`` is the manifest's choice per place of the fastest passing targets
         (``trtforge.speed.fastest_per_place``); it must name targets among ``targets``.
+        ``serving`` is the engines' serving contract (``trtforge.serving.serving_info``).
 
         ``signer`` signs the version (its manifest and every file); by default it comes from
         $TRTFORGE_SIGNING_KEY or $TRTFORGE_SIGNING_SIGSTORE, and None publishes unsigned.
@@ -133,6 +136,7 @@ class Publisher:
                 extra=extra or {},
                 targets=entries,
                 fastest=fastest_choice,
+                serving=serving,
             )
             payload = to_json(manifest)
             if version_signer is not None:

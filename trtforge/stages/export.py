@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from trtforge.errors import StageError
+from trtforge.errors import SpecError, StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
 from trtforge.modelload import load_model
 from trtforge.numeric import SHAPE_LEVELS, onnx_runner, random_inputs
 from trtforge.safeio import OnnxModelError, atomic_output, load_onnx_safely
+from trtforge.serving import check_class_count, serving_info, stamp_onnx
 from trtforge.spec import ModelSpec
 
 STAGE = "export"
@@ -174,6 +175,23 @@ def _compare(spec: ModelSpec, candidate, reference) -> tuple[dict[str, float], s
     return diffs, None if worst is None else worst[1]
 
 
+def _stamp_serving(spec: ModelSpec, path: Path) -> None:
+    """Write the serving contract into the model's metadata_props, after checking its class names against the outputs."""
+    import onnx
+
+    info = serving_info(spec)
+    model = onnx.load(str(path), load_external_data=False)
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        try:
+            check_class_count(info, output.name, shape)
+        except SpecError as err:
+            raise StageError(STAGE, str(err)) from None
+    stamp_onnx(model, info)
+    onnx.save(model, str(path))
+
+
 def export_onnx(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> ExportResult:
     """Export with torch.onnx (dynamo), check fully with onnx.checker, compare with PyTorch at min/opt/max.
 
@@ -226,6 +244,7 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
             onnx.checker.check_model(str(partial), full_check=True)
         except Exception as err:
             raise StageError(STAGE, f"torch.onnx.export of {spec.model!r} failed: {root_cause(err)}") from None
+        _stamp_serving(spec, partial)
 
         try:
             graph = load_onnx_safely(partial, plugins=spec.plugins, load_external_data=False)

@@ -7,6 +7,7 @@ from typing import Any
 
 from trtforge.environment import environment
 from trtforge.registry import REGISTRY_ENV, registry_uri_from_env
+from trtforge.serving import serving_info
 from trtforge.spec import ModelSpec
 from trtforge.speed import fastest_per_place
 from trtforge.summary import TargetOutcome, TargetStatus
@@ -49,5 +50,6 @@ def publish_release(
         extra=extra,
         aliases=["latest", *spec.aliases],
         fastest=fastest_per_place((EngineFacts.of(o.record).place, o.tag, o.metrics) for o in passed),
+        serving=serving_info(spec),
     )
     return manifest.version
