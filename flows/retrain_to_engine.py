@@ -1,6 +1,6 @@
 """The main job: checkpoint (retrained if missing) to gated, published engines, one per target.
 
-checkpoint -> export -> simplify -> check ops -> validate calibration -> per target:
+checkpoint -> check the eval set, validate calibration -> export -> simplify -> check ops -> per target:
 convert precision -> build (here, or on the target's GPU worker) -> gate -> publish.
 """
 
@@ -29,6 +29,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
+from trtforge.evalset import load_eval_set
 from trtforge.lineage import RunInputs, published_version, run_inputs, stage_spec_sha256
 from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
 from trtforge.registry import open_registry
@@ -193,11 +194,13 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
     work_dir.mkdir(parents=True, exist_ok=True)
     mark_used(work_dir)
+    # The data files first: a wrong array name or shape fails before minutes of export, not after.
+    load_eval_set(spec)
+    calibration_sha256 = _validate_calibration(spec, summary.run_dir, summary)
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
     simplified = run_step(summary, simplify_task, spec, exported, work_dir)
-    # The fp32 graph first, before anything is converted: what no precision can fix fails fast.
+    # The fp32 graph next, before anything is converted: what no precision can fix fails fast.
     _check_compatibility(spec, simplified.onnx_path, summary, "fp32")
-    calibration_sha256 = _validate_calibration(spec, summary.run_dir, summary)
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started = time.perf_counter()

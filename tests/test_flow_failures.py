@@ -14,11 +14,14 @@ import signal
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
+import yaml
 
+from tests.conftest import DIGITS_DIR
 from tests.flow_harness import run_flow, write_spec
 from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, register_backend
-from trtforge.errors import StageError
+from trtforge.errors import SpecError, StageError
 from trtforge.registry import open_registry
 from trtforge.spec import ModelSpec, Target
 
@@ -107,6 +110,20 @@ def test_run_that_fails_at_export_still_writes_its_report(tmp_path, digits_check
     assert report["published"] is False and report["message"] == str(caught.value)
     assert "not published" in (run_dir / "report.md").read_text() and "export" in (run_dir / "report.md").read_text()
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
+
+
+def test_an_eval_file_without_the_input_fails_before_export_naming_its_arrays(tmp_path, digits_checkpoint):
+    with np.load(DIGITS_DIR / "eval.npz") as archive:
+        np.savez(tmp_path / "eval.npz", pixel_values=archive["input"], labels=archive["labels"])
+    data = yaml.safe_load(write_spec(tmp_path / "spec", digits_checkpoint).read_text())
+    data["eval"]["data"] = str(tmp_path / "eval.npz")
+    spec = tmp_path / "spec" / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(
+        SpecError, match=r"eval.data: .*eval.npz has no array 'input' for input 'input'; it has \['labels', 'pixel_values'\]"
+    ) as caught:
+        run_flow(spec, tmp_path)
+    assert [s.stage.value for s in caught.value.summary.stages] == ["retrain"], "nothing was exported"
 
 
 def test_each_converted_graph_a_tensorrt_target_builds_is_checked_q_dq_aware(tmp_path, digits_checkpoint, served_build_target):
