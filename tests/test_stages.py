@@ -413,3 +413,25 @@ def test_outputs_that_do_not_fit_the_spec_are_named_before_export(digits_spec, t
     with pytest.raises(StageError, match=message):
         export_onnx(spec, checkpoint, tmp_path / "out")
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_dynamic_dim_the_graph_fixed_is_named_with_its_size(digits_spec, digits_onnx):
+    import onnx
+
+    from trtforge.stages.export import frozen_dims
+
+    model = onnx.load(digits_onnx)
+    assert frozen_dims(digits_spec, model) == []
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
+    assert frozen_dims(digits_spec, model) == ["input input dim 0 (batch) is 32"]
+
+
+def test_an_integer_inputs_value_range_is_what_the_export_check_feeds_it():
+    from trtforge.numeric import random_inputs
+    from trtforge.spec import InputSpec
+
+    token_types = InputSpec(name="token_type_ids", dtype="int64", shape=[2, 64], value_range=(0, 1))
+    values = random_inputs([token_types], "opt", seed=0)["token_type_ids"]
+    assert set(np.unique(values)) == {0, 1}
+    with pytest.raises(ValueError, match="value_range applies to integer inputs"):
+        InputSpec(name="pixels", dtype="float32", shape=[1, 3], value_range=(0, 1))

@@ -10,6 +10,8 @@ import numpy as np
 from trtforge.spec import InputSpec, ModelSpec
 
 SHAPE_LEVELS = ("min", "opt", "max")
+# Token ids and indices below the smallest vocabulary or table a model is likely to have.
+DEFAULT_INTEGER_RANGE = (0, 99)
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
@@ -24,7 +26,8 @@ def random_inputs(inputs: list[InputSpec], level: str, seed: int) -> dict[str, n
         elif dtype is np.bool_:
             feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
         else:
-            feeds[inp.name] = rng.integers(0, 100, shape).astype(dtype)
+            low, high = inp.value_range or DEFAULT_INTEGER_RANGE
+            feeds[inp.name] = rng.integers(low, high + 1, shape).astype(dtype)
     return feeds
 
 

@@ -80,9 +80,19 @@ class InputSpec(Strict):
     dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
     shape: list[int | str] = Field(min_length=1, description="ints for static dims, names for dynamic ones")
     dynamic: dict[str, DynamicDim] = Field(default_factory=dict)
+    value_range: tuple[int, int] | None = Field(
+        default=None,
+        description="[low, high] (inclusive) of an integer input's values, e.g. [0, 1] for token_type_ids: what the "
+        "export check feeds it (default [0, 99])",
+    )
 
     @model_validator(mode="after")
     def _dims_declared(self) -> InputSpec:
+        if self.value_range is not None:
+            if self.dtype not in ("int64", "int32"):
+                raise ValueError(f"value_range applies to integer inputs (this one is {self.dtype}): remove it")
+            if self.value_range[0] > self.value_range[1]:
+                raise ValueError(f"value_range {list(self.value_range)} has its low above its high: write [low, high]")
         named = [d for d in self.shape if isinstance(d, str)]
         missing = [d for d in named if d not in self.dynamic]
         if missing:

@@ -33,6 +33,20 @@ class ExportResult(BaseModel):
     seconds: float
 
 
+def frozen_dims(spec: ModelSpec, model) -> list[str]:
+    """Each dim the spec names dynamic that the ONNX ``model`` has as a fixed size: 'input pixels dim 2 (height) is 224'."""
+    graph_inputs = {value.name: value for value in model.graph.input}
+    frozen = []
+    for inp in spec.inputs:
+        value = graph_inputs.get(inp.name)
+        if value is None:
+            continue
+        for index, (declared, dim) in enumerate(zip(inp.shape, value.type.tensor_type.shape.dim)):
+            if isinstance(declared, str) and dim.HasField("dim_value"):
+                frozen.append(f"input {inp.name} dim {index} ({declared}) is {dim.dim_value}")
+    return frozen
+
+
 def _dynamic_shapes(spec: ModelSpec):
     """One ``torch.export.Dim`` per dynamic dim name, shared by every input that uses it."""
     import torch
@@ -255,6 +269,14 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
         if declared != expected:
             raise StageError(
                 STAGE, f"exported inputs {declared} differ from the spec's {expected}: the model's forward() must take them in order"
+            )
+        frozen = frozen_dims(spec, graph)
+        if frozen:
+            raise StageError(
+                STAGE,
+                f"the exported graph fixed dims the spec declares dynamic: {'; '.join(frozen)}. The model's forward() "
+                "turned them into constants (a position-embedding grid of one size, a reshape to literal sizes): make "
+                "them static in the spec's shape, or change the model to compute them from the input",
             )
         try:
             diffs, worst = _compare(spec, onnx_runner(partial, [o.name for o in spec.outputs]), _torch_reference(model))
