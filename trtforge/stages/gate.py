@@ -410,17 +410,6 @@ def evaluate_thresholds(
                 f"{metrics['reference_accuracy']:.4f}; allowed drop {100 * thresholds.max_accuracy_drop:.2f} points"
             )
     failures += _task_failures(metrics, thresholds)
-    near, real = metrics.get("near_tie_flips", 0.0), metrics.get("real_flips", 0.0)
-    if near + real:
-        notes.append(
-            f"{near:.0f} of {near + real:.0f} disagreements with the FP32 reference are near ties "
-            f"(the reference's top-2 probability gap < {_near_tie_margin(thresholds):g})"
-        )
-    issues = resolution_issues(metrics, thresholds, task_metric, previous)
-    if thresholds.strict_resolution:
-        failures += [f"strict_resolution: {issue}" for issue in issues]
-    else:
-        notes += [f"resolution warning: {issue}" for issue in issues]
     if previous is None:
         notes.append("first version of this target: no previous release to compare with")
     elif task_metric in previous.metrics and thresholds.regression_tolerance is not None:
@@ -432,6 +421,17 @@ def evaluate_thresholds(
             )
         else:
             notes.append(f"{task_metric} {now:.4f} vs {before:.4f} in version {previous.version}")
+    near, real = metrics.get("near_tie_flips", 0.0), metrics.get("real_flips", 0.0)
+    if near + real:
+        notes.append(
+            f"{near:.0f} of {near + real:.0f} disagreements with the FP32 reference are near ties "
+            f"(the reference's top-2 probability gap < {_near_tie_margin(thresholds):g})"
+        )
+    issues = resolution_issues(metrics, thresholds, task_metric, previous)
+    if thresholds.strict_resolution:
+        failures += [f"strict_resolution: {issue}" for issue in issues]
+    else:
+        notes += [f"resolution warning: {issue}" for issue in issues]
     return failures, notes
 
 
