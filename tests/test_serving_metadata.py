@@ -12,13 +12,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import DIGITS_SPEC
 from tests.test_pull_fastest import FLEET, outcome
-from tests.test_registry import lineage
+from tests.test_registry import ENVIRONMENT, lineage
 from trtforge.backends.base import get_backend
 from trtforge.cli import app
 from trtforge.errors import SpecError, StageError
 from trtforge.lineage import stage_spec_sha256
-from trtforge.registry import open_registry
+from trtforge.registry import TargetArtifacts, open_registry
 from trtforge.registry.manifest import read_manifest
 from trtforge.serving import CLASS_NAMES_KEY, METADATA_KEY, read_onnx_serving, serving_info
 from trtforge.spec import Precision, Task, parse_spec, parse_target
@@ -26,6 +27,7 @@ from trtforge.stages.convert_precision import convert_precision
 from trtforge.stages.export import export_onnx
 from trtforge.stages.publish import publish_release
 from trtforge.stages.runner import Stage
+from trtforge.triton import LABELS_FILE, write_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTOR_SPEC = ROOT / "examples" / "shapes-detector" / "spec.yaml"
@@ -170,3 +172,18 @@ def test_publish_writes_the_contract_into_the_manifest_and_show_prints_it(tmp_pa
     # A manifest published before the contract existed still reads, without one.
     older = manifest.model_dump(mode="json", exclude={"serving"})
     assert read_manifest(json.dumps(older).encode(), "manifest.json", digits_spec.name, version).serving is None
+
+
+def test_a_triton_repository_gets_the_classifiers_class_names_as_its_label_file(tmp_path, digits_spec, digits_onnx):
+    named = digits_spec.model_copy(update={"eval": digits_spec.eval.model_copy(update={"classes": [f"digit {d}" for d in range(10)]})})
+    target = parse_target({"backend": "onnxruntime", "precision": "fp32"})
+    built = get_backend("onnxruntime").build(digits_onnx, target, digits_spec, tmp_path / "engine")
+    engine = TargetArtifacts(tag=built.tag, record=built.record, files={"engine": built.engine_path, **built.extra_files})
+    registry = open_registry(f"file://{tmp_path / 'registry'}")
+    spec_lineage = {**lineage(), "spec_sha256": digits_spec.sha256()}
+    registry.publish(digits_spec.name, [engine], lineage=spec_lineage, environment=ENVIRONMENT, serving=serving_info(named))
+    repository = tmp_path / "repo"
+    write_repository(registry.reader, digits_spec.name, repository, backend="onnxruntime", spec_path=DIGITS_SPEC, cache_dir=tmp_path / "c")
+    model_dir = repository / digits_spec.name
+    assert (model_dir / LABELS_FILE).read_text().splitlines() == [f"digit {d}" for d in range(10)]
+    assert 'label_filename: "labels.txt"' in (model_dir / "config.pbtxt").read_text()

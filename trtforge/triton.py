@@ -39,6 +39,8 @@ MODEL_VERSION = "1"
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 INSTANCE_KINDS = {"tensorrt": "KIND_GPU", "onnxruntime": "KIND_CPU"}
 ONNX_FILE = "model.onnx"
+# Triton's classification extension reads class names from this file beside config.pbtxt, one per line.
+LABELS_FILE = "labels.txt"
 ONNXRUNTIME_DOMAIN = "com.microsoft"
 # ONNX TensorProto element type names -> Triton data types (model_config.proto's DataType).
 _TRITON_TYPES = {
@@ -198,14 +200,24 @@ class ConfigOptions:
 
 
 def build_config(
-    model: str, backend: str, plans: dict[str, str], default: str, io: ModelIO, batch: BatchRange | None, options: ConfigOptions
+    model: str,
+    backend: str,
+    plans: dict[str, str],
+    default: str,
+    io: ModelIO,
+    batch: BatchRange | None,
+    options: ConfigOptions,
+    labeled: Sequence[str] = (),
 ):
-    """Triton's ModelConfig message for one model; ``plans`` maps compute capabilities ("9.0") to plan file names."""
+    """Triton's ModelConfig message for one model; ``plans`` maps compute capabilities ("9.0") to plan file names,
+    ``labeled`` names the outputs whose class names are in LABELS_FILE."""
     pb = _model_config_pb2()
     config = pb.ModelConfig(name=model, platform=PLATFORMS[backend], max_batch_size=batch.max if batch else 0)
     for tensors, field in ((io.inputs, config.input), (io.outputs, config.output)):
         for tensor in tensors:
-            field.add(name=tensor.name, data_type=pb.DataType.Value(tensor.data_type), dims=_dims(tensor, batch is not None))
+            added = field.add(name=tensor.name, data_type=pb.DataType.Value(tensor.data_type), dims=_dims(tensor, batch is not None))
+            if tensor.name in labeled:
+                added.label_filename = LABELS_FILE
     if batch is not None:
         config.dynamic_batching.preferred_batch_size.extend(batch.opts)
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
@@ -251,6 +263,11 @@ def check_config(text: str, model_dir: Path, io: ModelIO, batch: BatchRange | No
         raise TritonConfigError(
             f"{where}: preferred_batch_size {list(config.dynamic_batching.preferred_batch_size)} exceeds max_batch_size {batch.max}"
         )
+    for output in config.output:
+        if output.label_filename and not (model_dir / output.label_filename).is_file():
+            raise TritonConfigError(
+                f"{where}: output {output.name!r} has label_filename {output.label_filename!r}, which is not in {model_dir}"
+            )
     for kind, declared, facts in (("input", config.input, io.inputs), ("output", config.output, io.outputs)):
         if [t.name for t in declared] != [t.name for t in facts]:
             raise TritonConfigError(f"{where}: {kind}s {[t.name for t in declared]} are not {io.source}'s {[t.name for t in facts]}")
@@ -416,7 +433,8 @@ def write_repository(
         shutil.rmtree(pulls)
         cc_files = {cc: name for cc, name in files.items() if cc}
         default = _default_plan(entries, files)
-        config = build_config(model, backend, cc_files, default, io, batch, options)
+        labeled = _write_labels(manifest, model_dir)
+        config = build_config(model, backend, cc_files, default, io, batch, options, labeled)
         from google.protobuf import text_format
 
         text = text_format.MessageToString(config)
@@ -436,6 +454,20 @@ def write_repository(
         io_source=io.source,
         config=text,
     )
+
+
+def _write_labels(manifest, model_dir: Path) -> list[str]:
+    """The class-score outputs of a classifier whose manifest names its classes, after writing LABELS_FILE for them."""
+    serving = manifest.serving
+    if serving is None or serving.class_names is None:
+        return []
+    labeled = [o.name for o in serving.outputs if o.meaning == "class_scores"]
+    if labeled:
+        broken = [name for name in serving.class_names if "\n" in name or "\r" in name]
+        if broken:
+            raise TritonConfigError(f"class names {broken} hold line breaks, which Triton's one-name-per-line {LABELS_FILE} cannot")
+        atomic_write_text(model_dir / LABELS_FILE, "".join(f"{name}\n" for name in serving.class_names))
+    return labeled
 
 
 def _default_plan(entries: dict, files: dict[str, str]) -> str:
