@@ -23,7 +23,7 @@ def test_retrains_publishes_version_1_then_is_up_to_date(tmp_path):
     spec = write_spec(tmp_path / "spec", tmp_path / "ckpt" / "digits.safetensors", targets=example_targets)
     summary = run_flow(spec, tmp_path)
     assert summary.published and summary.version == 1 and not summary.up_to_date
-    assert [s.stage for s in summary.stages][:6] == ["retrain", "export", "simplify", "check-ops", "validate-calibration", "reference"]
+    assert [s.stage for s in summary.stages][:6] == ["retrain", "validate-calibration", "export", "simplify", "check-ops", "reference"]
     assert summary.stages[0].detail.startswith("trained")
     assert summary.compatibility[0].unsupported == 0
     assert summary.calibration.passed and summary.calibration.samples == 600
