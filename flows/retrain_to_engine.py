@@ -247,7 +247,7 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             registry=uri,
         )
         pending.append((target, tag, route, request, _submit(route, request, spec.name, run_id)))
-    rankings: dict[Path, SensitivityResult] = {}
+    ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id)
     for target, tag, route, request, future in pending:
         try:
             outcome = future.result()
@@ -256,7 +256,6 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             outcomes.append(_outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.BUILD)))
             continue
         if target.precision.needs_calibration and outcome.status is TargetStatus.FAILED and outcome.failures:
-            ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id, rankings)
             outcome = ladder.climb(target, route, request, outcome)
         outcomes.append(outcome)
     summary.targets = outcomes
@@ -318,11 +317,10 @@ class Ladder:
         artifacts: Path,
         summary: RunSummary,
         run_id: str,
-        rankings: dict[Path, SensitivityResult],
     ):
         self.spec, self.reference_onnx, self.artifacts, self.summary, self.run_id = spec, reference_onnx, artifacts, summary, run_id
         # Targets of one precision share their converted graphs, so each graph is ranked once a run.
-        self.rankings = rankings
+        self.rankings: dict[Path, SensitivityResult] = {}
 
     def rank(self, onnx_path: Path, precision: Precision) -> SensitivityResult:
         if onnx_path not in self.rankings:

@@ -89,7 +89,6 @@ def rank_quantized_nodes(
 def _rank_in_child(
     reference_path: str, quantized_path: str, feeds: list[dict[str, np.ndarray]], plugins: list[str]
 ) -> list[NodeSensitivity]:
-    import onnx
 
     reference = load_onnx_safely(Path(reference_path), plugins=plugins)
     quantized = load_onnx_safely(Path(quantized_path), plugins=plugins)
@@ -119,7 +118,7 @@ def _rank_in_child(
     watched = sorted({name for _, outputs, sources in candidates for name in (*outputs, *sources)})
     with tempfile.TemporaryDirectory(prefix="trtforge-sensitivity-") as tmp:
         errors = _relative_errors(
-            _with_outputs(reference, watched, types, onnx), _with_outputs(quantized, watched, types, onnx), watched, feeds, Path(tmp)
+            _with_outputs(reference, watched, types), _with_outputs(quantized, watched, types), watched, feeds, Path(tmp)
         )
     ranked = []
     for node, outputs, sources in candidates:
@@ -137,7 +136,9 @@ def _float_value_types(model) -> dict[str, int]:
     return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type in FLOAT_TYPES}
 
 
-def _with_outputs(model, names: list[str], types: dict[str, int], onnx):
+def _with_outputs(model, names: list[str], types: dict[str, int]):
+    import onnx
+
     marked = onnx.ModelProto()
     marked.CopyFrom(model)
     present = {v.name for v in marked.graph.output}
