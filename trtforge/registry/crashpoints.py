@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
 
 CRASH_ENV = "TRTFORGE_CRASH_AT"
 PAUSE_ENV = "TRTFORGE_PAUSE_AT"
@@ -28,10 +27,3 @@ def reached(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(PAUSE_ENV) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def progress_hook(point: str) -> Callable[[int], None] | None:
-    """A transfer progress callback that crashes at ``point`` once bytes flow; None when that point is not armed."""
-    if os.environ.get(CRASH_ENV) != point:
-        return None
-    return lambda _transferred: reached(point)

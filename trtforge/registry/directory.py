@@ -24,12 +24,13 @@ from stat import S_ISREG
 from trtforge.errors import NotFoundError, RegistryError
 from trtforge.registry import crashpoints
 from trtforge.registry.storage import (
+    HashingWriter,
     ObjectInfo,
     PendingUpload,
     PreconditionFailed,
     StoredObject,
+    TransferredFile,
     TransferSettings,
-    UploadedFile,
     check_key,
 )
 from trtforge.safeio import atomic_write_bytes, atomic_writer, is_temporary, temporary_target
@@ -167,7 +168,7 @@ class DirectoryStore:
                 return
             folder = folder.parent
 
-    def upload_file(self, key: str, path: Path) -> UploadedFile:
+    def upload_file(self, key: str, path: Path) -> TransferredFile:
         target = self._path(key)
         digest = hashlib.sha256()
         size = 0
@@ -185,13 +186,17 @@ class DirectoryStore:
                         time.sleep(max(0.0, size / self._max_bandwidth - (time.monotonic() - started)))
                 # Published files are immutable: read-only guards them against an accidental edit in place.
                 os.fchmod(handle.fileno(), 0o444)
-        return UploadedFile(digest.hexdigest(), size)
+        return TransferredFile(digest.hexdigest(), size)
 
-    def download_file(self, key: str, dest: Path) -> None:
+    def download_file(self, key: str, dest: Path) -> TransferredFile:
         try:
-            shutil.copyfile(self._path(key), dest)
+            source = open(self._path(key), "rb")
         except FileNotFoundError:
             raise NotFoundError(f"{self.uri}/{key} is missing from the registry") from None
+        with source, open(dest, "wb") as handle:
+            written = HashingWriter(handle)
+            shutil.copyfileobj(source, written, _COPY_BLOCK)
+        return written.result()
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]:
         pending = []

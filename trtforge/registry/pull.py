@@ -6,10 +6,11 @@ that run on it, an exact compute-capability match before a hardware-compatible o
 TensorRT is installed, engines it cannot deserialize (built by another TensorRT version and
 not version-compatible) are refused by name.
 
-Fetching: every file is downloaded into a local cache keyed by SHA-256, checked against the
-manifest there, and only then copied (a reflink where the filesystem has them) into the
-destination through a temp file and a rename (``trtforge.safeio``), so a corrupted object never
-reaches the destination and a repeated pull downloads nothing. The destination is never a link
+Fetching: every file is downloaded into a local cache keyed by SHA-256, hashed as it is
+written there and checked against the manifest, and only then copied (a reflink where the
+filesystem has them, else an in-kernel copy) into the destination through a temp file and a
+rename (``trtforge.safeio``); the copy is hashed again before the rename, so neither a corrupted
+object nor a damaged cache blob ever reaches the destination, and a repeated pull downloads nothing. The destination is never a link
 to the cache: editing a pulled file leaves the cache as it was. A cache hit is trusted only
 while the blob's (inode, size, mtime, ctime) are those recorded when its SHA-256 last matched;
 any change to the blob, even one that keeps its size, makes the next pull hash it again and
@@ -18,6 +19,7 @@ download it anew if it no longer matches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,13 +297,13 @@ class BlobCache:
                 f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}"
             ) from None
         with atomic_output(blob) as incoming:
-            store.download_file(key, incoming)
+            # Hashed as it was written: no second read of the file.
+            received = store.download_file(key, incoming)
             size = incoming.stat().st_size
-            digest = sha256_file(incoming)
-            if digest != entry.sha256 or size != entry.size:
+            if received.sha256 != entry.sha256 or received.size != entry.size or size != received.size:
                 raise IntegrityError(
-                    f"{store.uri}/{key} is corrupted: it has {size} bytes with SHA-256 {digest}, but the manifest records "
-                    f"{entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
+                    f"{store.uri}/{key} is corrupted: it has {received.size} bytes with SHA-256 {received.sha256}, but the manifest "
+                    f"records {entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
                     "another version"
                 )
             incoming.chmod(0o444)
@@ -311,7 +314,9 @@ class BlobCache:
         """Copy ``blob`` to ``dest`` unless ``dest`` is, unchanged, the copy an earlier pull placed there.
 
         A redeploy into the same folder then writes nothing; a pulled file edited since (its
-        stat no longer the recorded one) is replaced with the manifest's bytes.
+        stat no longer the recorded one) is replaced with the manifest's bytes. A new copy is
+        hashed before it takes the name (while its data goes to disk, so it costs no extra time):
+        a blob damaged behind a stat record that still matches is caught here, and evicted.
         """
         record = self._placement_path(dest)
         try:
@@ -319,8 +324,17 @@ class BlobCache:
                 return
         except OSError:
             pass
-        place(blob, dest)
+        try:
+            place(blob, dest, entry.sha256)
+        except IntegrityError:
+            self._evict(entry.sha256)
+            raise
         self._write_record(record, {"sha256": entry.sha256, **_stat_record(dest.stat())})
+
+    def _evict(self, sha256: str) -> None:
+        for path in (self.record_path(sha256), self.path(sha256)):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def _placement_path(self, dest: Path) -> Path:
         return self.placements / hashlib.sha256(os.fsencode(dest)).hexdigest()
@@ -359,13 +373,42 @@ def _stat_record(stat: os.stat_result) -> dict[str, int]:
 _FICLONE = 0x40049409
 
 
-def place(blob: Path, dest: Path) -> None:
-    """Put a copy of a cached file at ``dest`` atomically: a reflink where the filesystem has them,
-    else an in-kernel copy. Never a hard link: an edit of the pulled file would edit the cache."""
+def place(blob: Path, dest: Path, sha256: str) -> None:
+    """Put a copy of a cached file at ``dest`` atomically, only once the copy is proven to hash to ``sha256``.
+
+    A reflink where the filesystem has them, else an in-kernel copy. Never a hard link: an edit of
+    the pulled file would edit the cache."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(dest) as partial:
         if not _reflink(blob, partial):
-            shutil.copyfile(blob, partial)
+            _kernel_copy(blob, partial)
+        with open(partial, "rb") as copy, ThreadPoolExecutor(max_workers=1) as disk:
+            # The copy's pages are still in memory: hash them while the disk writes them out.
+            flushed = disk.submit(os.fsync, copy.fileno())
+            digest = hashlib.file_digest(copy, "sha256").hexdigest()
+            flushed.result()
+        if digest != sha256:
+            raise IntegrityError(
+                f"the pull cache's copy {blob} of {dest.name} has SHA-256 {digest}, not the manifest's {sha256}: it was changed "
+                "in the cache; it is removed from the cache and nothing was written. Pull again to download it anew"
+            )
+
+
+def _kernel_copy(blob: Path, partial: Path) -> None:
+    with open(blob, "rb") as source, open(partial, "wb") as target:
+        remaining = os.fstat(source.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(source.fileno(), target.fileno(), remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+        except OSError:
+            # Filesystems or kernels without copy_file_range between these two files.
+            source.seek(0)
+            target.seek(0)
+            target.truncate()
+            shutil.copyfileobj(source, target)
 
 
 def _reflink(blob: Path, partial: Path) -> bool:

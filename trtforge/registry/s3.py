@@ -5,8 +5,10 @@ The endpoint, region and credentials come only from the standard AWS settings
 put in a message. Conditional writes use ``If-None-Match: *`` and ``If-Match``; since some
 S3-compatible servers accept those headers and ignore them, the first write through a store
 probes that the server really enforces them. Retries are adaptive unless ``AWS_RETRY_MODE``
-says otherwise; large files move as parallel multipart transfers with SHA-256 checksums
-checked by the server for every part.
+says otherwise. Files are read once: their SHA-256 is computed from the very bytes sent, large
+files go as parallel multipart uploads whose every part carries its own SHA-256 for the server to
+check, and the upload is verified by the checksum the server then reports; downloads are hashed
+as they are written.
 """
 
 from __future__ import annotations
@@ -14,25 +16,28 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
 import re
 import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError
 from trtforge.registry import crashpoints
 from trtforge.registry.storage import (
-    FileDigest,
+    HashingWriter,
     ObjectInfo,
     PendingUpload,
     PreconditionFailed,
     RegistryUnreachable,
     StoredObject,
+    TransferredFile,
     TransferSettings,
-    UploadedFile,
     check_key,
-    digest_file,
 )
 
 DEFAULT_ATTEMPTS = 6
@@ -43,6 +48,8 @@ _CREDENTIAL_CODES = frozenset(
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _PROBE_PREFIX = "_capability-probe"
 _CHECKSUM_MODE = {"ChecksumMode": "ENABLED"}
+# What S3 (and SeaweedFS) answer when a body's bytes do not hash to the checksum sent with them.
+_CHECKSUM_MISMATCH_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -58,12 +65,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _expected_checksum(digest: FileDigest) -> str:
-    """The ``ChecksumSHA256`` S3 reports: of the object, or of its part checksums plus ``-N`` for multipart."""
-    if not digest.part_digests:
-        return base64.b64encode(bytes.fromhex(digest.sha256)).decode()
-    composite = hashlib.sha256(b"".join(digest.part_digests)).digest()
-    return f"{base64.b64encode(composite).decode()}-{len(digest.part_digests)}"
+def _base64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
 
 
 class S3Store:
@@ -279,56 +282,116 @@ class S3Store:
 
     # --- large files -----------------------------------------------------------------------------
 
-    def upload_file(self, key: str, path: Path) -> UploadedFile:
-        from s3transfer.utils import ChunksizeAdjuster
-
+    def upload_file(self, key: str, path: Path) -> TransferredFile:
         full = self._full(key)
-        size = path.stat().st_size
-        # s3transfer goes multipart from the threshold on, and may enlarge parts for huge files.
-        part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer.part_size, size) if size >= self._transfer.part_size else None
-        # Hash while uploading (hashlib releases the GIL); the read-back below ties the two together.
-        with ThreadPoolExecutor(max_workers=1) as hasher:
-            hashing = hasher.submit(digest_file, path, part_size)
-            try:
-                self._client.upload_file(
-                    str(path),
-                    self.bucket,
-                    full,
-                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                    Config=self._transfer_config,
-                    Callback=crashpoints.progress_hook("mid-upload"),
-                )
-            except Exception as err:
-                self._abort_uploads_of(full)
-                translated = self._translate(err, "uploading", key)
-                if translated is err:
-                    raise
-                raise translated from None
-            digest = hashing.result()
+        with self._calling("uploading", key), open(path, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            if size < self._transfer.part_size:
+                moved, checksum = self._put_whole(key, full, source)
+            else:
+                moved, checksum = self._put_in_parts(key, full, source, size)
         with self._calling("reading back", key):
             stored = self._client.head_object(Bucket=self.bucket, Key=full, **_CHECKSUM_MODE)
-        checksum = stored.get("ChecksumSHA256")
-        if stored["ContentLength"] != digest.size or (checksum is not None and checksum != _expected_checksum(digest)):
+        reported = stored.get("ChecksumSHA256")
+        # A server without checksum support reports none: then only the size can be compared.
+        if stored["ContentLength"] != moved.size or (reported is not None and reported != checksum):
             with contextlib.suppress(Exception):
                 self._client.delete_object(Bucket=self.bucket, Key=full)
             raise IntegrityError(
-                f"{self._where(key)}: what the server stored does not match {path} (size or SHA-256 differ); "
-                "the file changed while it was uploaded, or the transfer was corrupted: publish again"
+                f"{self._where(key)}: what the server stored ({stored['ContentLength']} bytes, SHA-256 checksum {reported}) is not "
+                f"what was sent from {path} ({moved.size} bytes, checksum {checksum}): the object was changed or corrupted on "
+                "the server; it was deleted: publish again"
             )
-        return UploadedFile(digest.sha256, digest.size)
+        return moved
 
-    def _abort_uploads_of(self, full_key: str) -> None:
-        """Abort unfinished multipart uploads of a key this publisher owns; best effort, gc is the backstop."""
-        with contextlib.suppress(Exception):
-            response = self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_key)
-            for upload in response.get("Uploads", []):
-                if upload["Key"] == full_key:
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload["UploadId"])
+    def _put_whole(self, key: str, full: str, source: BinaryIO) -> tuple[TransferredFile, str]:
+        body = source.read()
+        digest = hashlib.sha256(body).digest()
+        crashpoints.reached("mid-upload")
+        self._throttle(len(body), time.monotonic())
+        checksum = _base64(digest)
+        self._sending(key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ChecksumSHA256=checksum))
+        return TransferredFile(digest.hex(), len(body)), checksum
 
-    def download_file(self, key: str, dest: Path) -> None:
+    def _put_in_parts(self, key: str, full: str, source: BinaryIO, size: int) -> tuple[TransferredFile, str]:
+        """A multipart upload that reads the file once: each part is hashed into the file's SHA-256 as it is read,
+        then sent with its own SHA-256, which the server checks before it accepts the part."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer.part_size, size)
+        upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256")["UploadId"]
+        whole = hashlib.sha256()
+        moved = 0
+        started = time.monotonic()
+        # Parts read ahead of the network wait here: memory stays at max_concurrency parts.
+        slots = threading.BoundedSemaphore(self._transfer.max_concurrency)
+        failures: list[BaseException] = []
+
+        def finished(future: Future) -> None:
+            slots.release()
+            if future.exception() is not None:
+                failures.append(future.exception())
+
+        try:
+            with ThreadPoolExecutor(max_workers=self._transfer.max_concurrency) as senders:
+                sent = []
+                while not failures:
+                    slots.acquire()
+                    body = source.read(part_size)
+                    if not body:
+                        slots.release()
+                        break
+                    whole.update(body)
+                    moved += len(body)
+                    future = senders.submit(self._put_part, key, full, upload_id, len(sent) + 1, body)
+                    future.add_done_callback(finished)
+                    sent.append(future)
+                    crashpoints.reached("mid-upload")
+                    self._throttle(moved, started)
+                parts = [future.result() for future in sent]
+            listing = [part for part, _ in parts]
+            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": listing})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            raise
+        composite = hashlib.sha256(b"".join(digest for _, digest in parts)).digest()
+        return TransferredFile(whole.hexdigest(), moved), f"{_base64(composite)}-{len(parts)}"
+
+    def _put_part(self, key: str, full: str, upload_id: str, number: int, body: bytes) -> tuple[dict[str, Any], bytes]:
+        digest = hashlib.sha256(body).digest()
+        checksum = _base64(digest)
+        response = self._sending(
+            key,
+            lambda: self._client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body, ChecksumSHA256=checksum
+            ),
+            part=number,
+        )
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}, digest
+
+    def _sending(self, key: str, send: Callable[[], dict[str, Any]], part: int | None = None) -> dict[str, Any]:
+        try:
+            return send()
+        except Exception as err:
+            if self._code(err) in _CHECKSUM_MISMATCH_CODES:
+                what = f"part {part} of {self._where(key)}" if part else self._where(key)
+                raise IntegrityError(
+                    f"{what} was corrupted on its way to the server (the server's SHA-256 of the bytes it received is not the "
+                    "one sent with them) and was refused; nothing was stored: publish again"
+                ) from None
+            raise
+
+    def _throttle(self, moved: int, started: float) -> None:
+        if self._transfer.max_bandwidth:
+            time.sleep(max(0.0, moved / self._transfer.max_bandwidth - (time.monotonic() - started)))
+
+    def download_file(self, key: str, dest: Path) -> TransferredFile:
         full = self._full(key)
-        with self._calling("downloading", key):
-            self._client.download_file(self.bucket, full, str(dest), Config=self._transfer_config)
+        with self._calling("downloading", key), open(dest, "wb") as handle:
+            written = HashingWriter(handle)
+            self._client.download_fileobj(self.bucket, full, written, Config=self._transfer_config)
+        return written.result()
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]:
         found = []

@@ -6,7 +6,10 @@ Both implementations give the same guarantees, which is all the registry relies 
 * ``put_if_absent`` creates an object only if the key is free, even under contention;
 * ``put_if_match`` replaces an object only if it still has the ETag the caller read
   (compare-and-swap), and is refused for a missing key;
-* ``upload_file`` reads the bytes back (size and SHA-256) before it reports success.
+* ``upload_file`` and ``download_file`` hash the bytes in the same pass that moves them and
+  report that SHA-256; ``upload_file`` also checks what the server stored (its size, and the
+  SHA-256 checksums the server verified for every part where it supports them) before it
+  reports success.
 
 Keys are ``/``-separated paths relative to the store's root; segments are never empty,
 ``.`` or ``..``, and never start with ``.`` (the directory store keeps its temporary and
@@ -20,12 +23,11 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from trtforge.errors import RegistryError
 
 MiB = 1024 * 1024
-_READ_BLOCK = 8 * MiB
 
 
 class PreconditionFailed(Exception):
@@ -78,11 +80,36 @@ class PendingUpload:
 
 
 @dataclass(frozen=True)
-class UploadedFile:
-    """What the store holds after an upload, as read back from it."""
+class TransferredFile:
+    """The SHA-256 and size of the bytes a transfer moved, hashed in the same pass that moved them."""
 
     sha256: str
     size: int
+
+
+class HashingWriter:
+    """A file to download into that hashes the bytes it writes, in the order they are written.
+
+    It says it cannot seek, so boto3's transfer manager hands it the parts of a parallel
+    ranged download in file order (``download_fileobj`` buffers those that arrive early).
+    """
+
+    def __init__(self, handle: BinaryIO):
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        self._handle.write(data)
+        self._size += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def result(self) -> TransferredFile:
+        return TransferredFile(self._digest.hexdigest(), self._size)
 
 
 class ObjectStore(Protocol):
@@ -109,11 +136,11 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def upload_file(self, key: str, path: Path) -> UploadedFile:
-        """Create ``key`` from a local file (multipart where large) and verify what was stored."""
+    def upload_file(self, key: str, path: Path) -> TransferredFile:
+        """Create ``key`` from a local file (multipart where large), read once, and verify what was stored."""
 
-    def download_file(self, key: str, dest: Path) -> None:
-        """Write the object's bytes to ``dest``; the caller verifies them."""
+    def download_file(self, key: str, dest: Path) -> TransferredFile:
+        """Write the object's bytes to ``dest``; returns their SHA-256 and size, for the caller to check."""
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]: ...
 
@@ -128,29 +155,6 @@ def check_key(key: str) -> str:
     if not key or any(not part or part in (".", "..") or part.startswith(".") for part in parts):
         raise RegistryError(f"invalid object key {key!r}: segments must be non-empty and not start with '.'")
     return key
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """SHA-256 of a whole file and of each of its parts (for checking multipart uploads)."""
-
-    sha256: str
-    size: int
-    part_digests: tuple[bytes, ...]
-
-
-def digest_file(path: Path, part_size: int | None = None) -> FileDigest:
-    whole = hashlib.sha256()
-    parts: list[bytes] = []
-    size = 0
-    block = part_size or _READ_BLOCK
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            whole.update(chunk)
-            size += len(chunk)
-            if part_size:
-                parts.append(hashlib.sha256(chunk).digest())
-    return FileDigest(whole.hexdigest(), size, tuple(parts))
 
 
 def open_store(uri: str, transfer: TransferSettings | None = None) -> ObjectStore:
