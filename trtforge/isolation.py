@@ -73,9 +73,12 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix=f"trtforge-{stage}-") as tmp:
         log_path = Path(tmp) / "child.log"
         log_path.touch()
-        process = context.Process(target=_child_main, args=(sender, function, args, kwargs, memory_mb, str(log_path)), daemon=True)
+        # Not a daemon, so that isolated work can isolate work of its own (an engine build probing the engine);
+        # the finally below ends the child on every way out instead.
+        process = context.Process(target=_child_main, args=(sender, function, args, kwargs, memory_mb, str(log_path)), daemon=False)
         process.start()
         sender.close()
+        answered = False
         try:
             if not receiver.poll(timeout_s):
                 process.kill()
@@ -83,11 +86,15 @@ def run_isolated(
                 raise StageError(stage, f"timed out after {timeout_s:.0f} s; last output:\n{_tail(log_path)}")
             try:
                 message = receiver.recv()
+                answered = True
             except EOFError:
                 process.join()
                 raise StageError(stage, _describe_death(process.exitcode, log_path)) from None
         finally:
             receiver.close()
+            if not answered:
+                process.kill()
+                process.join()
         process.join()
         status, *payload = message
         if status == "ok":

@@ -31,14 +31,25 @@ def random_inputs(inputs: list[InputSpec], level: str, seed: int) -> dict[str, n
     return feeds
 
 
-def onnxruntime_session(onnx_path: Path, optimized_path: Path | None = None, disable_optimizations: bool = False):
+# The level saved graphs get: ALL adds layout transforms (NchwcTransformer) specific to the CPU
+# that applies them, so a graph saved at ALL would not be portable across workers. ALL also
+# segfaulted onnxruntime 1.32 on AutoCast fp16 transformers: sessions open at ALL only where a
+# build probed it safe (trtforge.backends.onnxruntime).
+PORTABLE_OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
+
+
+def onnxruntime_session(
+    onnx_path: Path,
+    optimized_path: Path | None = None,
+    disable_optimizations: bool = False,
+    optimization_level: str = PORTABLE_OPTIMIZATION_LEVEL,
+):
+    """A CPU session on ``onnx_path``; ``optimization_level`` is a ``GraphOptimizationLevel`` name."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # EXTENDED, never ALL: ALL adds CPU-specific layout transforms (NchwcTransformer), which
-    # segfaults onnxruntime 1.32 on AutoCast fp16 transformers and makes saved engines non-portable.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization_level)
     if disable_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path is not None:

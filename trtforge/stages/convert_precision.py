@@ -8,23 +8,36 @@ TensorRT 10 (strongly typed) and 11 take precision from the ONNX itself, so this
 - int8, fp8: ModelOpt explicit Q/DQ post-training quantization, calibrated on onnxruntime's CPU
   execution provider with the calibration set cut into batches at the spec's opt shape.
 
-ModelOpt runs in a child process: it drives native code (onnxruntime sessions over rewritten
-graphs) that can crash on unusual models, and it logs to stdout, which belongs to the CLI's
-output. Results are cached by the content of everything that decides them; an entry is
-assembled in a hidden folder and renamed into place, so a cache entry is always complete.
+ModelOpt places Q/DQ for TensorRT; onnxruntime's CPU kernels do not fuse that placement into
+integer kernels. So int8 for a backend whose ``quantizer`` is ``onnxruntime`` (the onnxruntime
+CPU backend) is made by onnxruntime's own static quantizer instead: its pre-processing, then
+QDQ with per-channel weights, and the activation type and ``reduce_range`` that onnxruntime's
+documentation gives for the converting machine's instructions (VNNI or not, x86 or ARM),
+calibrated on the same batches. Both are separate cache entries; the quantizer, its version and
+its settings are part of the key, of the result, and of the converted model's metadata
+(``trtforge.quantizer``), from which the build records them.
+
+The conversion runs in a child process: ModelOpt and onnxruntime's quantizer drive native code
+(onnxruntime sessions over rewritten graphs) that can crash on unusual models, and they log to
+stdout, which belongs to the CLI's output. Results are cached by the content of everything that
+decides them; an entry is assembled in a hidden folder and renamed into place, so a cache entry
+is always complete.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import platform
 import re
 import shutil
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -61,6 +74,24 @@ OPTIONS_READ: dict[Precision, set[str]] = {
     Precision.INT8: _QUANTIZE_OPTIONS,
     Precision.FP8: _QUANTIZE_OPTIONS,
 }
+# onnxruntime's quantizer keeps excluded nodes in fp32: it has no other high precision on CPU.
+ONNXRUNTIME_OPTIONS_READ = _QUANTIZE_OPTIONS - {"high_precision_dtype"}
+QUANTIZER_METADATA_KEY = "trtforge.quantizer"
+# CPU flags (Linux /proc/cpuinfo names) of the 8-bit dot-product instructions that accumulate without saturating.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+ONNXRUNTIME_CALIBRATION_METHODS = {"entropy": "Entropy", "max": "MinMax"}
+
+
+class Quantizer(StrEnum):
+    """Who makes an int8 model: ModelOpt (Q/DQ placed for TensorRT) or onnxruntime's quantizer (for its CPU kernels)."""
+
+    MODELOPT = "modelopt"
+    ONNXRUNTIME = "onnxruntime"
+
+
+def quantizer_for(backend) -> Quantizer:
+    """The quantizer a backend's int8 engines want: its ``quantizer`` attribute; ModelOpt where it names none (TensorRT)."""
+    return Quantizer(getattr(backend, "quantizer", Quantizer.MODELOPT))
 
 
 class ConversionResult(BaseModel):
@@ -73,6 +104,11 @@ class ConversionResult(BaseModel):
     quantized_op_types: dict[str, int]
     kept_op_types: dict[str, int]
     modelopt_version: str | None
+    # The library that converted the model (ModelOpt also for fp16/bf16, through AutoCast), its version and
+    # the settings it was given; None for fp32, which is not converted.
+    quantizer: Quantizer | None = None
+    quantizer_version: str | None = None
+    quantizer_settings: dict[str, Any] = {}
     calibration_samples: int
     seconds: float
     sha256: str
@@ -102,12 +138,14 @@ def convert_precision(
     cache_dir: Path,
     calibration_sha256: str | None = None,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    quantizer: Quantizer = Quantizer.MODELOPT,
 ) -> ConversionResult:
     """Convert ``onnx_path`` to ``precision``; ``calibration`` holds one array per model input, samples on axis 0.
 
     int8 and fp8 need calibration data; fp16 and bf16 use it (when given) to find values that
     overflow the low precision. ``calibration_sha256`` identifies the data for the cache key;
-    without it the arrays themselves are hashed.
+    without it the arrays themselves are hashed. ``quantizer`` decides int8 only (see
+    ``quantizer_for``): fp16, bf16 and fp8 are ModelOpt's, whichever it names.
     """
     started = time.perf_counter()
     precision = Precision(precision)
@@ -144,8 +182,10 @@ def convert_precision(
     plan = None
     if calibration is not None:
         plan = plan_batches(calibration, model_inputs, onnx_path)
+    quantizer = Quantizer(quantizer) if precision is Precision.INT8 else Quantizer.MODELOPT
+    stamp = quantizer_stamp(quantizer)
 
-    key = _cache_key(onnx_path, model, precision, calibration, calibration_sha256, options, model_inputs, plan)
+    key = _cache_key(onnx_path, model, precision, calibration, calibration_sha256, options, model_inputs, plan, stamp)
     entry = cache_dir / key
     hit = _read_entry(entry)
     if hit is not None:
@@ -171,6 +211,7 @@ def convert_precision(
                 str(batch_dir) if batch_dir else None,
                 options.model_dump(mode="json"),
                 list(spec.plugins),
+                stamp,
                 timeout_s=timeout_s,
             )
             shutil.rmtree(work)
@@ -181,7 +222,10 @@ def convert_precision(
                 qdq_node_count=facts.qdq_nodes,
                 quantized_op_types=facts.reduced_op_types,
                 kept_op_types=facts.fp32_op_types,
-                modelopt_version=modelopt_version(),
+                modelopt_version=modelopt_version() if quantizer is Quantizer.MODELOPT else None,
+                quantizer=quantizer,
+                quantizer_version=stamp["version"],
+                quantizer_settings=stamp["settings"],
                 calibration_samples=_used_samples(precision, plan),
                 seconds=time.perf_counter() - started,
                 sha256=sha256_file(destination),
@@ -200,6 +244,52 @@ def convert_precision(
 
 def modelopt_version() -> str:
     return importlib.metadata.version("nvidia-modelopt")
+
+
+def quantizer_stamp(quantizer: Quantizer) -> dict[str, Any]:
+    """What the converted model records of its making: the quantizer, its version, and the settings that decide its output."""
+    if quantizer is Quantizer.MODELOPT:
+        return {"name": quantizer.value, "version": modelopt_version(), "settings": {}}
+    import onnxruntime
+
+    return {"name": quantizer.value, "version": onnxruntime.__version__, "settings": onnxruntime_int8_settings()}
+
+
+def onnxruntime_int8_settings(machine: str | None = None, cpu_flags: frozenset[str] | None = None) -> dict[str, Any]:
+    """onnxruntime's documented choice for CPU inference (quantize_static's "Choosing parameters for CPU inference"),
+    for ``machine`` and ``cpu_flags`` (default: this one's): QDQ, per-channel int8 weights; uint8 activations on x86,
+    with weights reduced to 7 bits where the CPU lacks VNNI (its 8-bit multiply-add saturates 16-bit sums); int8
+    activations on ARM."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return {
+            "format": "QDQ",
+            "per_channel": True,
+            "activation_type": "QInt8",
+            "weight_type": "QInt8",
+            "reduce_range": False,
+            "cpu": "arm",
+        }
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    vnni = sorted(flags & VNNI_FLAGS)
+    return {
+        "format": "QDQ",
+        "per_channel": True,
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "reduce_range": not vnni,
+        "cpu": f"x86 with {', '.join(vnni)}" if vnni else "x86 without VNNI",
+    }
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them; none elsewhere, which chooses the settings that are safe without VNNI."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[InputSpec], onnx_path: Path) -> BatchPlan:
@@ -263,14 +353,18 @@ def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[Input
     )
 
 
-def convert_file(source: str, destination: str, precision: str, batch_dir: str | None, options: dict, plugins: list[str]) -> PrecisionFacts:
-    """Runs in the child process: ModelOpt on ``source``, the result checked and written to ``destination``."""
+def convert_file(
+    source: str, destination: str, precision: str, batch_dir: str | None, options: dict, plugins: list[str], stamp: dict[str, Any]
+) -> PrecisionFacts:
+    """Runs in the child process: the quantizer ``stamp`` names on ``source``, the result checked and written to ``destination``."""
     import onnx
 
     settings = PrecisionOptions.model_validate(options)
     batch_files = sorted(Path(batch_dir).glob("*.npz")) if batch_dir else []
     try:
-        if precision in (Precision.FP16.value, Precision.BF16.value):
+        if stamp["name"] == Quantizer.ONNXRUNTIME.value:
+            _quantize_with_onnxruntime(source, destination, batch_files, settings, stamp["settings"])
+        elif precision in (Precision.FP16.value, Precision.BF16.value):
             from modelopt.onnx.autocast import convert_to_mixed_precision
 
             converted = convert_to_mixed_precision(
@@ -299,19 +393,69 @@ def convert_file(source: str, destination: str, precision: str, batch_dir: str |
                 log_level="WARNING",
             )
         if not Path(destination).is_file():
-            raise RuntimeError("ModelOpt finished without writing a model")
+            raise RuntimeError(f"{stamp['name']} finished without writing a model")
         carry_metadata(Path(source), Path(destination))
+        _stamp_quantizer(Path(destination), stamp)
         onnx.checker.check_model(destination, full_check=True)
+    except StageError:
+        raise
     except Exception as err:
-        raise StageError(STAGE, _describe_failure(err, source, precision, plugins)) from None
+        raise StageError(STAGE, _describe_failure(err, source, precision, plugins, stamp["name"])) from None
     return precision_facts(load_onnx_safely(Path(destination), plugins=plugins, load_external_data=False))
+
+
+def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[Path], options: PrecisionOptions, settings: dict) -> None:
+    """onnxruntime's static quantizer after its pre-processing (shape inference and the graph optimizations that make
+    quantization's patterns), with the spec's exclusions resolved to the pre-processed graph's node names."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    preprocessed = Path(source).with_name("preprocessed.onnx")
+    quant_pre_process(source, str(preprocessed))
+    nodes = onnx.load(str(preprocessed), load_external_data=False).graph.node
+    excluded = [node.name for node in nodes if node.op_type in options.exclude_op_types]
+    for pattern in options.exclude_nodes:
+        regex = re.compile(pattern)
+        matched = [node.name for node in nodes if regex.match(node.name)]
+        if not matched:
+            raise StageError(
+                STAGE,
+                f"precision.exclude_nodes pattern {pattern!r} matches no node of {source} after onnxruntime's quantization "
+                "pre-processing, which fused or renamed the node: name a node that pre-processing keeps",
+            )
+        excluded += matched
+    quantize_static(
+        str(preprocessed),
+        destination,
+        _batch_reader(batch_files),
+        quant_format=QuantFormat[settings["format"]],
+        per_channel=settings["per_channel"],
+        reduce_range=settings["reduce_range"],
+        activation_type=QuantType[settings["activation_type"]],
+        weight_type=QuantType[settings["weight_type"]],
+        nodes_to_exclude=sorted(set(excluded)) or None,
+        calibrate_method=CalibrationMethod[ONNXRUNTIME_CALIBRATION_METHODS[options.calibration_method]],
+        calibration_providers=["CPUExecutionProvider"],
+    )
+
+
+def _stamp_quantizer(destination: Path, stamp: dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(destination), load_external_data=False)
+    kept = [(e.key, e.value) for e in model.metadata_props if e.key != QUANTIZER_METADATA_KEY]
+    del model.metadata_props[:]
+    for key, value in [*kept, (QUANTIZER_METADATA_KEY, json.dumps(stamp, sort_keys=True))]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(destination))
 
 
 def _batch_reader(batch_files: list[Path]):
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
     class NpzBatchReader(CalibrationDataReader):
-        """ModelOpt's calibrators walk the batches with get_next, and peek at the first one for test runs."""
+        """ModelOpt's and onnxruntime's calibrators walk the batches with get_next; ModelOpt peeks at the first one for test runs."""
 
         def __init__(self):
             self.batches = []
@@ -331,14 +475,15 @@ def _batch_reader(batch_files: list[Path]):
     return NpzBatchReader()
 
 
-def _describe_failure(err: Exception, source: str, precision: str, plugins: list[str]) -> str:
+def _describe_failure(err: Exception, source: str, precision: str, plugins: list[str], quantizer: str) -> str:
     reason = str(err).strip() or "(no message)"
-    detail = f"ModelOpt could not convert the model to {precision}: {type(err).__name__}: {reason}"
-    # ModelOpt asserts without messages in places; the step of ModelOpt that failed is then the only clue.
-    modelopt_frames = [f for f in traceback.extract_tb(err.__traceback__) if "/modelopt/" in f.filename]
-    if modelopt_frames:
-        frame = modelopt_frames[-1]
-        module = "modelopt/" + frame.filename.rsplit("/modelopt/", 1)[1]
+    library, package = ("ModelOpt", "/modelopt/") if quantizer == Quantizer.MODELOPT.value else ("onnxruntime's quantizer", "/onnxruntime/")
+    detail = f"{library} could not convert the model to {precision}: {type(err).__name__}: {reason}"
+    # The quantizers assert without messages in places; the step that failed is then the only clue.
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if package in f.filename]
+    if frames:
+        frame = frames[-1]
+        module = package.strip("/") + "/" + frame.filename.rsplit(package, 1)[1]
         detail += f" (in {module}:{frame.lineno}, {frame.name})"
     try:
         # The staged copy of a model load_onnx_safely has read already.
@@ -420,6 +565,7 @@ def _cache_key(
     options: PrecisionOptions,
     model_inputs: list[InputSpec],
     plan: BatchPlan | None,
+    stamp: dict[str, Any],
 ) -> str:
     if calibration is None:
         data_digest = None
@@ -433,10 +579,14 @@ def _cache_key(
         "calibration_sha256": data_digest,
         "calibration_batch_size": plan.batch_size if plan else None,
         "input_opt_shapes": {inp.name: list(inp.shape_at("opt")) for inp in model_inputs},
-        "options": options.model_dump(mode="json", include=OPTIONS_READ[precision]),
-        "modelopt_version": modelopt_version(),
+        "options": options.model_dump(mode="json", include=_options_read(precision, stamp["name"])),
+        "quantizer": stamp,
     }
     return stage_cache_key(Stage.CONVERT_PRECISION, json.dumps(decided_by, sort_keys=True))
+
+
+def _options_read(precision: Precision, quantizer: str) -> set[str]:
+    return ONNXRUNTIME_OPTIONS_READ if quantizer == Quantizer.ONNXRUNTIME.value else OPTIONS_READ[precision]
 
 
 def _read_entry(entry: Path) -> ConversionResult | None:
