@@ -37,6 +37,7 @@ from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import Route, RouteKind, route_target
 from trtforge.spec import ModelSpec, Precision, Target, load_spec
 from trtforge.stages.build import BuildRequest
+from trtforge.stages.convert_precision import Quantizer, quantizer_for
 from trtforge.stages.gate import PreviousRelease, task_metric_name
 from trtforge.stages.ladder import LadderRecord, LadderStep, ladder_enabled, next_exclusions, start_record
 from trtforge.stages.latency_gate import apply_speedup_gates
@@ -204,8 +205,9 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started = time.perf_counter()
-    converted: dict[Precision, Path] = {}
-    conversion_failures: dict[Precision, str] = {}
+    # By precision and quantizer: onnxruntime CPU int8 is onnxruntime's quantizer's, TensorRT's is ModelOpt's.
+    converted: dict[tuple[Precision, Quantizer], Path] = {}
+    conversion_failures: dict[tuple[Precision, Quantizer], str] = {}
     # TensorRT parses the converted graph (Q/DQ for int8/fp8, casts for fp16): each is checked once.
     tensorrt_refusals: dict[Precision, str | None] = {Precision.FP32: None}
     pending, outcomes = [], []
@@ -217,16 +219,17 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             logger.warning("target %s: unavailable: %s (%s)", tag, route.reason, "; ".join(route.details))
             outcomes.append(_outcome(target, tag, TargetStatus.UNAVAILABLE, route.reason, route.details))
             continue
-        if target.precision not in converted and target.precision not in conversion_failures:
+        conversion = (target.precision, quantizer_for(backend))
+        if conversion not in converted and conversion not in conversion_failures:
             try:
-                converted[target.precision] = _convert(spec, simplified.onnx_path, target.precision, artifacts, summary)
+                converted[conversion] = _convert(spec, simplified.onnx_path, target.precision, artifacts, summary, quantizer=conversion[1])
             except TrtforgeError as err:
                 logger.warning("convert-precision %s: failed: %s", target.precision.value, err)
-                conversion_failures[target.precision] = _stage_failure(err, Stage.CONVERT_PRECISION)
-        if target.precision in conversion_failures:
-            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[target.precision]))
+                conversion_failures[conversion] = _stage_failure(err, Stage.CONVERT_PRECISION)
+        if conversion in conversion_failures:
+            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[conversion]))
             continue
-        onnx_path = converted[target.precision]
+        onnx_path = converted[conversion]
         if target.backend == "tensorrt":
             if target.precision not in tensorrt_refusals:
                 try:
@@ -341,7 +344,15 @@ class Ladder:
             if not excluded:
                 break
             try:
-                onnx_path = _convert(self.spec, self.reference_onnx, target.precision, self.artifacts, self.summary, excluded)
+                onnx_path = _convert(
+                    self.spec,
+                    self.reference_onnx,
+                    target.precision,
+                    self.artifacts,
+                    self.summary,
+                    excluded,
+                    quantizer_for(get_backend(target.backend)),
+                )
                 if target.backend == "tensorrt":
                     _check_compatibility(self.spec, onnx_path, self.summary, f"{target.precision.value}-ladder-{step}")
                 work_dir = request.work_dir.with_name(f"{request.work_dir.name}-ladder-{step}")
@@ -388,11 +399,17 @@ class Ladder:
 
 
 def _convert(
-    spec: ModelSpec, onnx_path: Path, precision: Precision, artifacts: Path, summary: RunSummary, excluded_nodes: list[str] | None = None
+    spec: ModelSpec,
+    onnx_path: Path,
+    precision: Precision,
+    artifacts: Path,
+    summary: RunSummary,
+    excluded_nodes: list[str] | None = None,
+    quantizer: Quantizer = Quantizer.MODELOPT,
 ) -> Path:
-    """``precision``'s graph; ``excluded_nodes`` (exact node names) stay out of quantization."""
+    """``precision``'s graph, by ``quantizer`` where it is int8; ``excluded_nodes`` (exact node names) stay out of quantization."""
     cache_dir = artifacts / "cache" / spec.name / "precision"
-    result = convert_precision_task(spec, onnx_path, precision, cache_dir, exact_node_patterns(excluded_nodes or []))
+    result = convert_precision_task(spec, onnx_path, precision, cache_dir, exact_node_patterns(excluded_nodes or []), quantizer)
     summary.conversions.append(
         ConversionSummary(
             precision=result.precision.value,

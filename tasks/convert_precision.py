@@ -6,7 +6,7 @@ from trtforge.tasks.stage import stage_task
 
 from trtforge.calibration import load_calibration
 from trtforge.spec import ModelSpec, Precision
-from trtforge.stages.convert_precision import ConversionResult, convert_precision
+from trtforge.stages.convert_precision import ConversionResult, Quantizer, convert_precision
 from trtforge.stages.runner import Stage
 
 
@@ -16,9 +16,15 @@ def _describe(result: ConversionResult) -> str:
 
 @stage_task(Stage.CONVERT_PRECISION, describe=_describe, task_run_name="convert-precision-{precision.value}")
 def convert_precision_task(
-    spec: ModelSpec, onnx_path: Path, precision: Precision, cache_dir: Path, excluded_node_patterns: list[str] | None = None
+    spec: ModelSpec,
+    onnx_path: Path,
+    precision: Precision,
+    cache_dir: Path,
+    excluded_node_patterns: list[str] | None = None,
+    quantizer: Quantizer = Quantizer.MODELOPT,
 ) -> ConversionResult:
-    """ModelOpt conversion; the stage caches by content itself, so a re-run does not recalibrate.
+    """The precision conversion (ModelOpt, or onnxruntime's quantizer for int8 where ``quantizer`` says so); the
+    stage caches by content itself, so a re-run does not recalibrate.
 
     ``excluded_node_patterns`` are kept out of quantization on top of the spec's own (the precision ladder's steps).
     """
@@ -35,4 +41,5 @@ def convert_precision_task(
         cache_dir=cache_dir,
         calibration_sha256=calibration.sha256 if calibration else None,
         timeout_s=spec.isolation.timeout_s,
+        quantizer=quantizer,
     )
