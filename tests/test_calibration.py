@@ -165,15 +165,11 @@ FAULTS = {
     "wrong-shape": (lambda x, y: (x[:, :, :7, :7].copy(), y), {(BETWEEN, "input.dim2"), (BETWEEN, "input.dim3")}, None),
     "wrong-rank": (lambda x, y: (x[:, 0].copy(), y), {(IN_SET, "input.ndim")}, None),
     "wrong-dtype": (lambda x, y: (x.astype(np.float64), y), {(IN_SET, "input.dtype")}, None),
-    "unnormalized": (
-        lambda x, y: (x * 255, y),
-        {(BETWEEN, "input.max"), (MEAN_BETWEEN, "input.c0.mean"), (MEAN_BETWEEN, "input.c0.std")},
-        None,
-    ),
+    # The drift checks of a set 255x too large fail together: one line names the mistake.
+    "unnormalized": (lambda x, y: (x * 255, y), {(BETWEEN, "input.max"), (MEAN_BETWEEN, "input.c0.mean")}, None),
     "too-few": (lambda x, y: (x[:400], y[:400]), {("expect_table_row_count_to_be_between", None)}, []),
     "duplicates": (_duplicates, {(IN_SET, "duplicate")}, [str(i) for i in range(10, 20)]),
     "constant": (_constant, {(BETWEEN, "input.std")}, [str(i) for i in range(30, 45)]),
-    "drift": (lambda x, y: (x * 0.5, y), {(MEAN_BETWEEN, "input.c0.mean"), (MEAN_BETWEEN, "input.c0.std")}, []),
     "missing-class": (_missing_class, {("expect_column_distinct_values_to_contain_set", "label")}, []),
     "rare-class": (_rare_class, {(BETWEEN, "class_count")}, None),
 }
@@ -216,6 +212,17 @@ def test_fault_details_say_what_is_wrong(digits_spec, shipped, tmp_path):
     assert "classes [3] have no samples" in missing.details
 
 
+def test_halved_contrast_passes_the_default_drift_tolerance_and_fails_a_tight_one(digits_spec, shipped, tmp_path):
+    images, labels = shipped
+    np.savez(tmp_path / "halved.npz", input=images * 0.5, labels=labels)
+
+    assert validate_calibration(digits_spec, tmp_path / "halved.npz").passed
+    tight = validate_calibration(with_calibration(digits_spec, distribution_tolerance=0.25), tmp_path / "halved.npz")
+
+    assert failures(tight) == {(MEAN_BETWEEN, "input.c0.mean"), (MEAN_BETWEEN, "input.c0.std")}
+    assert all(f.details.endswith("check its source and preprocessing") for f in tight.failed)
+
+
 def test_thresholds_come_from_the_spec(digits_spec, shipped, tmp_path):
     images, labels = _duplicates(*shipped)
     np.savez(tmp_path / "dups.npz", input=images, labels=labels)
@@ -244,8 +251,9 @@ def test_image_folder_validates_like_its_npz(digits_spec, shipped, png_folder, t
     drifted = tmp_path / "drifted"
     write_png_folder(drifted, images * 0.5, labels)
     np.savez(tmp_path / "drifted.npz", input=images * 0.5, labels=labels)
-    drifted_images = validate_calibration(image_spec(digits_spec, drifted))
-    drifted_npz = validate_calibration(digits_spec, tmp_path / "drifted.npz")
+    tight = with_calibration(digits_spec, distribution_tolerance=0.25)
+    drifted_images = validate_calibration(image_spec(tight, drifted))
+    drifted_npz = validate_calibration(tight, tmp_path / "drifted.npz")
     assert not drifted_images.passed
     assert failures(drifted_images) == failures(drifted_npz)
 
@@ -312,6 +320,106 @@ def test_images_of_different_sizes_need_resize(digits_spec, tmp_path):
         load_calibration(spec)
     resized = with_calibration(spec, preprocessing=GRAY_PNG.model_copy(update={"resize": (8, 8)}))
     assert load_calibration(resized).arrays["input"].shape == (3, 1, 8, 8)
+
+
+# ---------------------------------------------------------------- known mistakes, named in one line
+
+
+@pytest.fixture(scope="module")
+def normalized_digits_spec(digits_spec, tmp_path_factory) -> ModelSpec:
+    """The digits spec with its eval set normalised (mean 0.5, std 0.25 on 0-1 pixels), as a mean/std model's would be."""
+    folder = tmp_path_factory.mktemp("normalized-eval")
+    with np.load(DIGITS_DIR / "eval.npz") as archive:
+        np.savez(folder / "eval.npz", input=(archive["input"] - 0.5) / 0.25, labels=archive["labels"])
+    return digits_spec.model_copy(update={"eval": digits_spec.eval.model_copy(update={"data": folder / "eval.npz"})})
+
+
+def normalized_images(spec: ModelSpec, folder: Path, **preprocessing) -> ModelSpec:
+    return with_calibration(
+        spec, data=folder, labels="classes", expected_range=None, preprocessing=GRAY_PNG.model_copy(update=preprocessing)
+    )
+
+
+def drift_failures(report: CalibrationReport) -> list:
+    return [f for f in report.failed if f.expectation == MEAN_BETWEEN]
+
+
+def test_mean_std_in_8_bit_units_with_scale_1_255_is_named_in_one_line(normalized_digits_spec, png_folder):
+    honest = normalized_images(normalized_digits_spec, png_folder, mean=[0.5], std=[0.25])
+    assert validate_calibration(honest).passed
+
+    report = validate_calibration(normalized_images(normalized_digits_spec, png_folder, mean=[127.5], std=[63.75]))
+
+    assert not report.passed
+    # The drift tolerance lets this one through on digits; the spread check (16x) does not.
+    [drift] = drift_failures(report)
+    assert drift.column == "input.c0.std"
+    assert "spreads about 1/255 of the eval set's" in drift.details
+    assert "calibration.preprocessing.mean [127.5] and std [63.75] are in 0-255 units" in drift.details
+    assert drift.details.endswith("give them in 0-1 units (mean: [0.5], std: [0.25])")
+
+
+def test_missing_scale_is_named_in_one_line(normalized_digits_spec, png_folder):
+    report = validate_calibration(normalized_images(normalized_digits_spec, png_folder, scale=1.0, mean=[0.5], std=[0.25]))
+
+    [drift] = drift_failures(report)
+    assert "spreads about 255x the eval set's" in drift.details
+    assert "calibration.preprocessing.scale is 1, which leaves the pixels in 0-255" in drift.details
+    assert drift.details.endswith("set calibration.preprocessing.scale to 0.003921568627 (1/255)")
+
+
+def test_unscaled_array_set_is_named_in_one_line(digits_spec, shipped, tmp_path):
+    images, labels = shipped
+    np.savez(tmp_path / "raw.npz", input=images * 255, labels=labels)
+
+    [drift] = drift_failures(validate_calibration(digits_spec, tmp_path / "raw.npz"))
+
+    assert "'input' spreads about 255x the eval set's" in drift.details
+    assert "divide the pixels by 255" in drift.details
+
+
+def test_nhwc_array_for_an_nchw_model_is_named_in_one_line(digits_spec, shipped, tmp_path):
+    images, labels = shipped
+    np.savez(tmp_path / "nhwc.npz", input=images.transpose(0, 2, 3, 1), labels=labels)
+
+    report = validate_calibration(digits_spec, tmp_path / "nhwc.npz")
+
+    [layout] = report.failed
+    assert layout.column == "input.dim1"
+    assert layout.details.startswith("'input' is laid out NHWC (600, 8, 8, 1) where the model takes NCHW (600, 1, 8, 8)")
+    assert layout.details.endswith("transpose the set (array.transpose(0, 3, 1, 2)) before saving calibration.data")
+
+
+def test_nhwc_image_folder_for_an_nchw_model_names_the_layout_field(digits_spec, png_folder):
+    spec = image_spec(digits_spec, png_folder)
+    spec = with_calibration(spec, preprocessing=GRAY_PNG.model_copy(update={"layout": "NHWC"}))
+
+    [layout] = validate_calibration(spec).failed
+
+    assert "'input' is laid out NHWC (600, 8, 8, 1) where the model takes NCHW" in layout.details
+    assert layout.details.endswith("calibration.preprocessing.layout is NHWC, set it to NCHW")
+
+
+def test_images_resized_to_another_size_than_the_input_name_the_resize_field(digits_spec, shipped, png_folder, tmp_path):
+    resized = with_calibration(image_spec(digits_spec, png_folder), preprocessing=GRAY_PNG.model_copy(update={"resize": (7, 7)}))
+
+    report = validate_calibration(resized)
+
+    [size] = [f for f in report.failed if f.expectation == BETWEEN and f.column in ("input.dim2", "input.dim3")]
+    assert size.column == "input.dim2"
+    assert size.details == (
+        "calibration.preprocessing.resize [7, 7] makes the images 7x7 (height x width), but input 'input' takes 8x8 "
+        "(shape [batch, 1, 8, 8]): set calibration.preprocessing.resize to [8, 8]"
+    )
+
+    large = tmp_path / "large"
+    for index, (image, label) in enumerate(zip(*shipped)):
+        (large / str(label)).mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((12, 12)).save(large / str(label) / f"{index:04d}.png")
+    [unset] = [f for f in validate_calibration(image_spec(digits_spec, large)).failed if f.column in ("input.dim2", "input.dim3")]
+    assert unset.details.startswith("the images are 12x12 (height x width) and calibration.preprocessing.resize is unset")
+    assert unset.details.endswith("set calibration.preprocessing.resize to [8, 8]")
 
 
 # ---------------------------------------------------------------- bad input to the loader

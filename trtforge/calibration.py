@@ -256,7 +256,7 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
         name = path.relative_to(folder).as_posix()
         try:
             with Image.open(path) as image:
-                pixels = _preprocess(image, preprocessing)
+                pixels = preprocess_image(image, preprocessing)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             read.unreadable[name] = f"{type(err).__name__}: {err}"
             continue
@@ -280,7 +280,7 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
     )
 
 
-def _preprocess(image, preprocessing: Preprocessing) -> np.ndarray:
+def preprocess_image(image, preprocessing: Preprocessing) -> np.ndarray:
     """One decoded image to one model-input sample (without the batch axis)."""
     from PIL import Image
 

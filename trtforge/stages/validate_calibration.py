@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,14 @@ RANGE_SLACK_FRACTION = 1e-3
 # Rows per block when computing statistics, so a large set is never copied to float64 at once.
 STATS_BLOCK = 256
 LISTED_IN_DETAILS = 10
+# Channel counts of image inputs: how the spec's shape tells NCHW from NHWC.
+IMAGE_CHANNELS = frozenset({1, 3, 4})
+# A channel whose mean per-sample std is this many times the eval set's (or 1/this) holds values in other
+# units: halfway, on a log scale, between the same units and 8-bit for 0-1 ones (255x), whatever the tolerance.
+SPREAD_FACTOR = 16.0
+# A spread ratio within this factor of 255 (or 1/255) is read as 8-bit units mixed up with 0-1 units;
+# honest sets of other photos stay within a factor of about 2 of the eval set's (benchmarks/drift_tolerance.py).
+UNITS_SLACK = 4.0
 
 
 class FailedExpectation(BaseModel):
@@ -101,10 +110,31 @@ Describe = Callable[[dict[str, Any]], tuple[str, list[str]]]
 
 @dataclass(frozen=True)
 class Check:
-    """One generated expectation and how to word its failure (details, offending samples)."""
+    """One generated expectation and how to word its failure (details, offending samples).
+
+    Checks that share a ``summary`` fail together when the set has one known fault (a layout,
+    a scale): their failures are reported as that one line instead of one line each.
+    """
 
     expectation: Any
     describe: Describe
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
+class DriftOffset:
+    """One channel statistic of the calibration set against the eval set's, in the eval set's pooled std."""
+
+    channel: int
+    statistic: str
+    observed: float
+    target: float
+    pooled_std: float
+
+    @property
+    def offset(self) -> float:
+        """|observed - target| / pooled std: the drift check fails where this exceeds calibration.distribution_tolerance."""
+        return abs(self.observed - self.target) / self.pooled_std if self.pooled_std > 0 else math.inf
 
 
 def validate_calibration(spec: ModelSpec, data: Path | None = None, out_dir: Path | None = None) -> CalibrationReport:
@@ -116,28 +146,32 @@ def validate_calibration(spec: ModelSpec, data: Path | None = None, out_dir: Pat
     checks = build_checks(spec, cal, calibration, table, references)
     result, context, suite = _run_great_expectations(spec, table, checks)
 
-    failed: list[tuple[int, FailedExpectation]] = []
-    for outcome in result.results:
+    failed: list[FailedExpectation] = []
+    summarized: set[str] = set()
+    # In suite order, so that a summary stands where the first of its checks would.
+    for outcome in sorted(result.results, key=lambda o: o.expectation_config.meta["check"]):
         if outcome.success:
             continue
         config = outcome.expectation_config
-        check_id = config.meta["check"]
+        check = checks[config.meta["check"]]
         error = _evaluation_error(outcome.exception_info)
-        if error is None:
-            details, samples = checks[check_id].describe(outcome.result)
+        if error is None and check.summary is not None:
+            if check.summary in summarized:
+                continue
+            summarized.add(check.summary)
+            details, samples = check.summary, []
+        elif error is None:
+            details, samples = check.describe(outcome.result)
         else:
             details, samples = f"great-expectations could not evaluate it: {error}", []
-        failed.append(
-            (check_id, FailedExpectation(expectation=config.type, column=config.kwargs.get("column"), details=details, samples=samples))
-        )
-    failed.sort(key=lambda pair: pair[0])
+        failed.append(FailedExpectation(expectation=config.type, column=config.kwargs.get("column"), details=details, samples=samples))
 
     report = CalibrationReport(
         passed=bool(result.success),
         samples=calibration.samples,
         sha256=calibration.sha256,
         source=calibration.source,
-        failed=[f for _, f in failed],
+        failed=failed,
     )
     if out_dir is None:
         return report
@@ -156,9 +190,9 @@ def channel_axis(input_spec: InputSpec, cal: CalibrationSpec, ndim: int) -> int 
     """Where the channels of an image input are, or None when the input is not laid out as images."""
     if ndim != 4 or len(input_spec.shape) != 4:
         return None
-    if cal.preprocessing is not None and cal.preprocessing.layout == "NHWC":
-        return 3
-    return 1
+    if cal.preprocessing is not None:
+        return 3 if cal.preprocessing.layout == "NHWC" else 1
+    return _model_channel_axis(input_spec) or 1
 
 
 def sample_statistics(array: np.ndarray, axis: int | None) -> dict[str, np.ndarray]:
@@ -273,14 +307,41 @@ def eval_references(spec: ModelSpec, cal: CalibrationSpec) -> dict[str, InputRef
     references = {}
     for input_spec in spec.inputs:
         array = stored[input_spec.name]
-        stats = sample_statistics(array, channel_axis(input_spec, cal, array.ndim))
-        channels = []
-        c = 0
-        while f"c{c}.mean" in stats:
-            channels.append(_reference(stats[f"c{c}.mean"], stats[f"c{c}.std"]))
-            c += 1
-        references[input_spec.name] = InputReference(channels, _reference(stats["mean"], stats["std"]).pooled_std)
+        references[input_spec.name] = input_reference(array, channel_axis(input_spec, cal, array.ndim))
     return references
+
+
+def input_reference(array: np.ndarray, axis: int | None) -> InputReference:
+    """One input's statistics over a reference set (samples on axis 0, channels on ``axis``)."""
+    return reference_of(sample_statistics(array, axis))
+
+
+def reference_of(stats: dict[str, np.ndarray]) -> InputReference:
+    """The reference statistics of a set from its per-sample statistics (``sample_statistics``)."""
+    channels = []
+    c = 0
+    while f"c{c}.mean" in stats:
+        channels.append(_reference(stats[f"c{c}.mean"], stats[f"c{c}.std"]))
+        c += 1
+    return InputReference(channels, _reference(stats["mean"], stats["std"]).pooled_std)
+
+
+def drift_offsets(stats: dict[str, Any], reference: InputReference) -> list[DriftOffset]:
+    """Per channel the set has in common with ``reference``: its mean and mean per-sample std against the reference's.
+
+    ``stats`` are per-sample statistics keyed as ``sample_statistics`` keys them (``c0.mean``, ``c0.std``, ...);
+    the drift check compares the same column means, through great-expectations.
+    """
+    offsets = []
+    for c, channel in enumerate(reference.channels):
+        if f"c{c}.mean" not in stats:
+            break
+        for statistic, target in (("mean", channel.mean), ("std", channel.mean_of_sample_std)):
+            values = np.asarray(stats[f"c{c}.{statistic}"], dtype=np.float64)
+            with _quiet_empty_slices():
+                observed = float(np.nanmean(values))
+            offsets.append(DriftOffset(c, statistic, observed, target, channel.pooled_std))
+    return offsets
 
 
 def _reference(means: np.ndarray, stds: np.ndarray) -> ChannelReference:
@@ -322,9 +383,9 @@ def build_checks(
 
     checks: list[Check] = []
 
-    def add(expectation_class: type, description: str, describe: Describe, **kwargs: Any) -> None:
+    def add(expectation_class: type, description: str, describe: Describe, summary: str | None = None, **kwargs: Any) -> None:
         expectation = expectation_class(meta={"check": len(checks)}, description=description, **kwargs)
-        checks.append(Check(expectation, describe))
+        checks.append(Check(expectation, describe, summary))
 
     add(
         gxe.ExpectTableRowCountToBeBetween,
@@ -350,7 +411,7 @@ def build_checks(
             value_set=[1],
         )
     for input_spec in spec.inputs:
-        _add_input_checks(add, gxe, input_spec, cal, table, references[input_spec.name])
+        _add_input_checks(add, gxe, input_spec, cal, calibration, table, references[input_spec.name])
 
     duplicate_limit = cal.max_duplicate_ratio
     add(
@@ -373,11 +434,20 @@ def build_checks(
 
 
 def _add_input_checks(
-    add: Callable[..., None], gxe: Any, input_spec: InputSpec, cal: CalibrationSpec, table, reference: InputReference
+    add: Callable[..., None],
+    gxe: Any,
+    input_spec: InputSpec,
+    cal: CalibrationSpec,
+    calibration: CalibrationSet,
+    table,
+    reference: InputReference,
 ) -> None:
     name = input_spec.name
     rank = len(input_spec.shape)
     shape_text = "[" + ", ".join(str(d) for d in input_spec.shape) + "]"
+    array_shape = calibration.arrays[name].shape
+    layout_mistake = _layout_mistake(input_spec, cal, calibration, array_shape)
+    size_mistake = None if layout_mistake else _image_size_mistake(input_spec, cal, calibration, array_shape)
     add(
         gxe.ExpectColumnValuesToBeInSet,
         f"'{name}' has the spec's rank {rank} (shape {shape_text}, samples on the first axis).",
@@ -389,6 +459,7 @@ def _add_input_checks(
         column=f"{name}.ndim",
         value_set=[rank],
     )
+    spatial = _spatial_axes(input_spec)
     for dim in range(1, rank):
         declared = input_spec.shape[dim]
         if isinstance(declared, int):
@@ -405,6 +476,7 @@ def _add_input_checks(
                 "check the layout (NCHW/NHWC), image size and channel count of the set",
                 _samples(r),
             ),
+            summary=layout_mistake or (size_mistake if dim in spatial else None),
             column=f"{name}.dim{dim}",
             min_value=low,
             max_value=high,
@@ -480,26 +552,173 @@ def _add_input_checks(
     )
 
     tolerance = cal.distribution_tolerance
-    for c, channel in enumerate(reference.channels):
-        if f"{name}.c{c}.mean" not in table.columns:
+    keys = [f"c{c}.{statistic}" for c in range(len(reference.channels)) for statistic in ("mean", "std")]
+    offsets = drift_offsets({k: table[f"{name}.{k}"].to_numpy(dtype=np.float64) for k in keys if f"{name}.{k}" in table.columns}, reference)
+    drift_summary = layout_mistake or _scale_mistake(name, cal, calibration, offsets)
+    for drift in offsets:
+        band = tolerance * drift.pooled_std
+        what = "mean" if drift.statistic == "mean" else "mean per-sample std"
+        add(
+            gxe.ExpectColumnMeanToBeBetween,
+            f"Channel {drift.channel} {what} of '{name}' is within {tolerance:g} eval-set std of the eval set's {drift.target:.4g}.",
+            lambda r, c=drift.channel, what=what, target=drift.target, band=band: (
+                f"channel {c} {what} of '{name}' is {r['observed_value']:.4g}, the eval set's is {target:.4g}: "
+                f"off by more than {band:.3g} (calibration.distribution_tolerance {tolerance:g} x the eval set's "
+                f"std {band / tolerance:.3g}); the calibration set does not look like the eval data, check its "
+                "source and preprocessing",
+                [],
+            ),
+            summary=drift_summary,
+            column=f"{name}.c{drift.channel}.{drift.statistic}",
+            min_value=drift.target - band,
+            max_value=drift.target + band,
+        )
+    for drift in offsets:
+        if drift.statistic != "std" or drift.target <= 0:
             continue
-        band = tolerance * channel.pooled_std
-        for statistic, target in (("mean", channel.mean), ("std", channel.mean_of_sample_std)):
-            what = "mean" if statistic == "mean" else "mean per-sample std"
-            add(
-                gxe.ExpectColumnMeanToBeBetween,
-                f"Channel {c} {what} of '{name}' is within {tolerance:g} eval-set std of the eval set's {target:.4g}.",
-                lambda r, c=c, what=what, target=target, band=band: (
-                    f"channel {c} {what} of '{name}' is {r['observed_value']:.4g}, the eval set's is {target:.4g}: "
-                    f"off by more than {band:.3g} (calibration.distribution_tolerance {tolerance:g} x the eval set's "
-                    f"std {band / tolerance:.3g}); the calibration set does not look like the eval data, check its "
-                    "source and preprocessing",
-                    [],
-                ),
-                column=f"{name}.c{c}.{statistic}",
-                min_value=target - band,
-                max_value=target + band,
+        add(
+            gxe.ExpectColumnMeanToBeBetween,
+            f"Channel {drift.channel} mean per-sample std of '{name}' is within {SPREAD_FACTOR:g}x of the eval set's {drift.target:.4g}.",
+            lambda r, c=drift.channel, target=drift.target: (
+                f"channel {c} mean per-sample std of '{name}' is {r['observed_value']:.4g}, {r['observed_value'] / target:.3g}x "
+                f"the eval set's {target:.4g} (at most {SPREAD_FACTOR:g}x either way): the values are in other units than "
+                "the eval set's, check the scale and mean/std the set was preprocessed with",
+                [],
+            ),
+            summary=drift_summary,
+            column=f"{name}.c{drift.channel}.std",
+            min_value=drift.target / SPREAD_FACTOR,
+            max_value=drift.target * SPREAD_FACTOR,
+        )
+
+
+# ---------------------------------------------------------------- known mistakes, named
+
+
+def _model_channel_axis(input_spec: InputSpec) -> int | None:
+    """Where the spec's shape puts the channels of an image input (1: NCHW, 3: NHWC); None when it cannot tell."""
+    if len(input_spec.shape) != 4:
+        return None
+    first, last = input_spec.shape[1], input_spec.shape[3]
+    first_is_channels = isinstance(first, int) and first in IMAGE_CHANNELS
+    last_is_channels = isinstance(last, int) and last in IMAGE_CHANNELS
+    if first_is_channels and not last_is_channels:
+        return 1
+    if last_is_channels and not first_is_channels:
+        return 3
+    return None
+
+
+def _spatial_axes(input_spec: InputSpec) -> tuple[int, int] | tuple[()]:
+    axis = _model_channel_axis(input_spec)
+    if axis is None:
+        return ()
+    return (2, 3) if axis == 1 else (1, 2)
+
+
+def _layout_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration: CalibrationSet, shape: tuple[int, ...]) -> str | None:
+    """The set holds the model's images with the channels on the other side (NHWC for NCHW, or the reverse)."""
+    axis = _model_channel_axis(input_spec)
+    if axis is None or len(shape) != 4:
+        return None
+    channels = input_spec.shape[axis]
+    other = 4 - axis
+    if shape[axis] == channels or shape[other] != channels:
+        return None
+    opt = input_spec.shape_at("opt")
+    height, width = (opt[2], opt[3]) if axis == 1 else (opt[1], opt[2])
+    spatial = (shape[1], shape[2]) if axis == 1 else (shape[2], shape[3])
+    if not all(isinstance(d, str) or d == s for d, s in zip(_spatial_dims(input_spec, axis), spatial)):
+        return None
+    want, have = ("NCHW", "NHWC") if axis == 1 else ("NHWC", "NCHW")
+    name = input_spec.name
+    found = f"'{name}' is laid out {have} {tuple(shape)} where the model takes {want} {tuple(shape[:1]) + _permuted(shape, axis)}"
+    if calibration.from_images:
+        return (
+            f"{found} (shape [{', '.join(str(d) for d in input_spec.shape)}]): calibration.preprocessing.layout is "
+            f"{(cal.preprocessing.layout if cal.preprocessing else 'NCHW')}, set it to {want}"
+        )
+    transpose = "(0, 3, 1, 2)" if axis == 1 else "(0, 2, 3, 1)"
+    return (
+        f"{found} (the spec's shape [{', '.join(str(d) for d in input_spec.shape)}], {height}x{width} images with "
+        f"{channels} channel(s)): transpose the set (array.transpose{transpose}) before saving calibration.data"
+    )
+
+
+def _spatial_dims(input_spec: InputSpec, axis: int) -> tuple[int | str, int | str]:
+    return (input_spec.shape[2], input_spec.shape[3]) if axis == 1 else (input_spec.shape[1], input_spec.shape[2])
+
+
+def _permuted(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return (shape[3], shape[1], shape[2]) if axis == 1 else (shape[2], shape[3], shape[1])
+
+
+def _image_size_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration: CalibrationSet, shape: tuple[int, ...]) -> str | None:
+    """An image folder read at another size than the model input's: the fix is calibration.preprocessing.resize."""
+    axis = _model_channel_axis(input_spec)
+    if not calibration.from_images or axis is None or len(shape) != 4:
+        return None
+    heights_widths = _spatial_dims(input_spec, axis)
+    image = (shape[2], shape[3]) if axis == 1 else (shape[1], shape[2])
+    fits = [
+        d == s if isinstance(d, int) else input_spec.dynamic[d].min <= s <= input_spec.dynamic[d].max for d, s in zip(heights_widths, image)
+    ]
+    if all(fits):
+        return None
+    opt = input_spec.shape_at("opt")
+    model = (opt[2], opt[3]) if axis == 1 else (opt[1], opt[2])
+    resize = cal.preprocessing.resize if cal.preprocessing else None
+    if resize is None:
+        cause = f"the images are {image[0]}x{image[1]} (height x width) and calibration.preprocessing.resize is unset"
+    else:
+        cause = f"calibration.preprocessing.resize [{resize[0]}, {resize[1]}] makes the images {image[0]}x{image[1]} (height x width)"
+    return (
+        f"{cause}, but input '{input_spec.name}' takes {model[0]}x{model[1]} (shape [{', '.join(str(d) for d in input_spec.shape)}]): "
+        f"set calibration.preprocessing.resize to [{model[0]}, {model[1]}]"
+    )
+
+
+def _scale_mistake(name: str, cal: CalibrationSpec, calibration: CalibrationSet, offsets: list[DriftOffset]) -> str | None:
+    """Every channel's spread is about 255x (or 1/255 of) the eval set's: a scale or mean/std in the wrong units."""
+    spreads = [d for d in offsets if d.statistic == "std" and d.target > 0]
+    if not spreads or not all(d.observed > 0 for d in spreads):
+        return None
+    ratios = [d.observed / d.target for d in spreads]
+    figures = ", ".join(f"{d.observed:.3g} vs {d.target:.3g}" for d in spreads)
+
+    def found(factor: str) -> str:
+        return f"'{name}' spreads about {factor} the eval set's (mean per-sample std per channel {figures})"
+
+    prep = cal.preprocessing if calibration.from_images else None
+    if all(abs(math.log(r / EIGHT_BIT_MAX)) < math.log(UNITS_SLACK) for r in ratios):
+        spread = found(f"{statistics.median(ratios):.0f}x")
+        if prep is not None and prep.scale * EIGHT_BIT_MAX > UNITS_SLACK:
+            return (
+                f"{spread}: calibration.preprocessing.scale is {prep.scale:g}, which leaves the pixels in 0-255 where the eval "
+                f"set's were scaled to 0-1: set calibration.preprocessing.scale to {1 / EIGHT_BIT_MAX:.10g} (1/255)"
             )
+        if prep is None:
+            return (
+                f"{spread}: it holds 0-255 pixel values where the model takes them scaled by 1/255: divide the pixels by 255 "
+                "(before any mean/std normalisation) and save calibration.data again"
+            )
+        return None
+    if all(abs(math.log(r * EIGHT_BIT_MAX)) < math.log(UNITS_SLACK) for r in ratios):
+        spread = found(f"1/{1 / statistics.median(ratios):.0f} of")
+        if prep is not None and prep.mean is not None and max(prep.mean) > 1.0:
+            mean = [round(m * prep.scale, 4) for m in prep.mean]
+            std = [round(v * prep.scale, 4) for v in prep.std]
+            return (
+                f"{spread}: calibration.preprocessing.mean {prep.mean} and std {prep.std} are in 0-255 units, but scale "
+                f"{prep.scale:g} brings the pixels to 0-1 before they are normalised: give them in 0-1 units "
+                f"(mean: {mean}, std: {std})"
+            )
+        if prep is None:
+            return (
+                f"{spread}: it was scaled by 1/255 once too often, or normalised with a mean/std in 0-255 units on 0-1 "
+                "pixels: preprocess it as the eval set was and save calibration.data again"
+            )
+    return None
 
 
 def _above_range_details(name: str, result: dict[str, Any], low: float, high: float, source: str) -> str:
