@@ -545,16 +545,22 @@ def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
+def atomic_output(path: Path, *, durable: bool = True) -> Iterator[Path]:
     """A fresh temporary path beside ``path``, for a tool that writes its output by name (onnx.save,
-    torch.onnx.export); what the tool wrote replaces ``path`` only if the block succeeds."""
+    torch.onnx.export); what the tool wrote replaces ``path`` only if the block succeeds.
+
+    ``durable=False`` skips the fsyncs, for a cache whose every use checks the content anyway:
+    the rename is still atomic, but a crash may lose what it renamed."""
     path = Path(path)
     temp, handle = _create_temp_file(path)
     # Created (empty) rather than only named, so that no other call can be handed the same name.
     handle.close()
     try:
         yield temp
-        durable_replace(temp, path)
+        if durable:
+            durable_replace(temp, path)
+        else:
+            os.replace(temp, path)
     finally:
         # rename() of a hard link onto another link of the same file leaves the source in place.
         temp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
+from typing import BinaryIO
 
 from trtforge.errors import NotFoundError, RegistryError
 from trtforge.registry import crashpoints
@@ -31,6 +32,7 @@ from trtforge.registry.storage import (
     StoredObject,
     TransferredFile,
     TransferSettings,
+    Writable,
     check_key,
 )
 from trtforge.safeio import atomic_write_bytes, atomic_writer, is_temporary, temporary_target
@@ -189,13 +191,23 @@ class DirectoryStore:
         return TransferredFile(digest.hexdigest(), size)
 
     def download_file(self, key: str, dest: Path) -> TransferredFile:
+        with self._open(key) as source, open(dest, "wb") as handle:
+            return self._copy_out(source, handle)
+
+    def download_into(self, key: str, handle: BinaryIO | Writable) -> TransferredFile:
+        with self._open(key) as source:
+            return self._copy_out(source, handle)
+
+    def _open(self, key: str) -> BinaryIO:
         try:
-            source = open(self._path(key), "rb")
+            return open(self._path(key), "rb")
         except FileNotFoundError:
             raise NotFoundError(f"{self.uri}/{key} is missing from the registry") from None
-        with source, open(dest, "wb") as handle:
-            written = HashingWriter(handle)
-            shutil.copyfileobj(source, written, _COPY_BLOCK)
+
+    @staticmethod
+    def _copy_out(source: BinaryIO, handle: BinaryIO | Writable) -> TransferredFile:
+        written = HashingWriter(handle)
+        shutil.copyfileobj(source, written, _COPY_BLOCK)
         return written.result()
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]:

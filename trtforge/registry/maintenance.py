@@ -15,7 +15,6 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from trtforge.hashing import sha256_file
 from trtforge.registry.common import (
     MANIFEST,
     SIGNATURE,
@@ -119,8 +118,8 @@ class Maintenance:
                         files.append(FileCheck(name=path, status="missing", size=None, sha256=None, expected_sha256=expected.sha256))
                         problems.append(f"{where(self.store, key)} is missing")
                         continue
-                    self.store.download_file(key, local)
-                    size, digest = local.stat().st_size, sha256_file(local)
+                    received = self.store.download_file(key, local)
+                    size, digest = received.size, received.sha256
                     local.unlink()
                     status = "ok" if (size, digest) == (expected.size, expected.sha256) else "modified"
                     files.append(FileCheck(name=path, status=status, size=size, sha256=digest, expected_sha256=expected.sha256))

@@ -6,15 +6,17 @@ that run on it, an exact compute-capability match before a hardware-compatible o
 TensorRT is installed, engines it cannot deserialize (built by another TensorRT version and
 not version-compatible) are refused by name.
 
-Fetching: every file is downloaded into a local cache keyed by SHA-256, hashed as it is
-written there and checked against the manifest, and only then copied (a reflink where the
-filesystem has them, else an in-kernel copy) into the destination through a temp file and a
-rename (``trtforge.safeio``); the copy is hashed again before the rename, so neither a corrupted
-object nor a damaged cache blob ever reaches the destination, and a repeated pull downloads nothing. The destination is never a link
-to the cache: editing a pulled file leaves the cache as it was. A cache hit is trusted only
-while the blob's (inode, size, mtime, ctime) are those recorded when its SHA-256 last matched;
-any change to the blob, even one that keeps its size, makes the next pull hash it again and
-download it anew if it no longer matches.
+Fetching: a file missing from the local cache (keyed by SHA-256) is downloaded in one pass into
+a temp file beside its destination and into the cache, hashed as it is written and checked
+against the manifest; one found in the cache is copied (a reflink where the filesystem has them,
+else an in-kernel copy) and the copy hashed. Only once every file of the target is proven does
+each take its name by a rename (``trtforge.safeio``), so neither a corrupted object nor a
+damaged cache blob ever reaches the destination, and a repeated pull downloads nothing.
+
+A cache hit is found without re-hashing the blob while its (inode, size, mtime, ctime) are those
+recorded when its SHA-256 last matched; any change to the blob, even one that keeps its size,
+makes the next pull hash it again and download it anew if it no longer matches. A redeploy into
+the same folder writes nothing while the placed file keeps the stat recorded when it was placed.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -40,7 +42,7 @@ from trtforge.gpu import arch_from_capability, capability_from_arch, detect_gpus
 from trtforge.hashing import sha256_file
 from trtforge.registry.manifest import FileEntry, Manifest, TargetEntry
 from trtforge.registry.storage import ObjectStore
-from trtforge.safeio import atomic_output, atomic_write_json
+from trtforge.safeio import atomic_output
 
 CACHE_ENV = "TRTFORGE_CACHE_DIR"
 _ARCH_INPUT = re.compile(r"^(?:sm_?)?(\d+)\.?(\d)$")
@@ -259,7 +261,8 @@ class BlobCache:
 
     Beside each blob, ``<sha256>.verified`` records the blob's stat at the moment its SHA-256
     was last checked; a lookup that finds the same stat skips re-hashing, any other stat (the
-    blob was edited, replaced, truncated or touched) hashes it again.
+    blob was edited, replaced, truncated or touched) hashes it again. Every copy made from a
+    blob is hashed too, which also catches a blob that a crash damaged behind its record.
     """
 
     def __init__(self, root: Path):
@@ -288,7 +291,20 @@ class BlobCache:
         self._record(entry.sha256, path)
         return path
 
-    def fetch(self, store: ObjectStore, key: str, entry: FileEntry) -> Path:
+    def placed(self, dest: Path, entry: FileEntry) -> bool:
+        """Whether ``dest`` is, unchanged, the copy of ``entry`` an earlier pull placed there (a redeploy then writes
+        nothing); a pulled file edited since no longer has the recorded stat, and is replaced."""
+        try:
+            return _read_json(self._placement_path(dest)) == {"sha256": entry.sha256, **_stat_record(dest.stat())}
+        except OSError:
+            return False
+
+    def record_placement(self, dest: Path, entry: FileEntry) -> None:
+        self._write_record(self._placement_path(dest), {"sha256": entry.sha256, **_stat_record(dest.stat())})
+
+    def fetch(self, store: ObjectStore, key: str, entry: FileEntry, partial: Path) -> None:
+        """Download ``key`` in one pass into ``partial`` (a destination's temp file) and into the cache, hashed as it is
+        written; IntegrityError, with neither kept, unless it holds the manifest's bytes."""
         blob = self.path(entry.sha256)
         try:
             blob.parent.mkdir(parents=True, exist_ok=True)
@@ -296,11 +312,13 @@ class BlobCache:
             raise RegistryError(
                 f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}"
             ) from None
-        with atomic_output(blob) as incoming:
-            # Hashed as it was written: no second read of the file.
-            received = store.download_file(key, incoming)
-            size = incoming.stat().st_size
-            if received.sha256 != entry.sha256 or received.size != entry.size or size != received.size:
+        # Not synced: every later use of the blob hashes the copy it makes (see copy), so a blob a crash damaged is
+        # caught there and downloaded again.
+        with atomic_output(blob, durable=False) as incoming:
+            with open(partial, "wb") as placed, open(incoming, "wb") as cached, ThreadPoolExecutor(max_workers=1) as flusher:
+                received = store.download_into(key, _PlacingWriter(placed, cached, flusher))
+            sizes = {received.size, os.stat(partial).st_size, os.stat(incoming).st_size}
+            if received.sha256 != entry.sha256 or sizes != {entry.size}:
                 raise IntegrityError(
                     f"{store.uri}/{key} is corrupted: it has {received.size} bytes with SHA-256 {received.sha256}, but the manifest "
                     f"records {entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
@@ -308,33 +326,24 @@ class BlobCache:
                 )
             incoming.chmod(0o444)
         self._record(entry.sha256, blob)
-        return blob
 
-    def place(self, blob: Path, dest: Path, entry: FileEntry) -> None:
-        """Copy ``blob`` to ``dest`` unless ``dest`` is, unchanged, the copy an earlier pull placed there.
-
-        A redeploy into the same folder then writes nothing; a pulled file edited since (its
-        stat no longer the recorded one) is replaced with the manifest's bytes. A new copy is
-        hashed before it takes the name (while its data goes to disk, so it costs no extra time):
-        a blob damaged behind a stat record that still matches is caught here, and evicted.
-        """
-        record = self._placement_path(dest)
-        try:
-            if _read_json(record) == {"sha256": entry.sha256, **_stat_record(dest.stat())}:
-                return
-        except OSError:
-            pass
-        try:
-            place(blob, dest, entry.sha256)
-        except IntegrityError:
-            self._evict(entry.sha256)
-            raise
-        self._write_record(record, {"sha256": entry.sha256, **_stat_record(dest.stat())})
-
-    def _evict(self, sha256: str) -> None:
-        for path in (self.record_path(sha256), self.path(sha256)):
+    def copy(self, blob: Path, partial: Path, entry: FileEntry) -> bool:
+        """Copy a cached blob into ``partial``: a reflink where the filesystem has them, else an in-kernel copy; never a
+        hard link, so an edit of the pulled file cannot edit the cache. True once the copy is proven to hash to the
+        manifest's SHA-256; otherwise the blob was damaged behind a stat record that still matches, and is evicted."""
+        if not _reflink(blob, partial):
+            _kernel_copy(blob, partial)
+        with open(partial, "rb") as copy, ThreadPoolExecutor(max_workers=1) as disk:
+            # The copy's pages are still in memory: hash them while the disk writes them out.
+            flushed = disk.submit(os.fsync, copy.fileno())
+            digest = hashlib.file_digest(copy, "sha256").hexdigest()
+            flushed.result()
+        if digest == entry.sha256:
+            return True
+        for path in (self.record_path(entry.sha256), blob):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        return False
 
     def _placement_path(self, dest: Path) -> Path:
         return self.placements / hashlib.sha256(os.fsencode(dest)).hexdigest()
@@ -348,8 +357,11 @@ class BlobCache:
 
     @staticmethod
     def _write_record(path: Path, record: dict[str, Any]) -> None:
+        # Not synced: on ext4 that fsync would wait for the blob's own data to reach the disk. A record lost in a crash
+        # costs one re-hash or re-copy; one that outlives its blob's data is caught by the hash of the copy.
         try:
-            atomic_write_json(path, record, indent=None)
+            with atomic_output(path, durable=False) as partial:
+                partial.write_text(json.dumps(record) + "\n")
         except OSError:
             # A read-only cache still serves verified blobs: each hit is then hashed, each file copied.
             pass
@@ -371,27 +383,29 @@ def _stat_record(stat: os.stat_result) -> dict[str, int]:
 
 # linux/fs.h: FICLONE = _IOW(0x94, 9, int), share the source's extents (btrfs, XFS, bcachefs).
 _FICLONE = 0x40049409
+_FLUSH_EVERY = 16 * 1024 * 1024
 
 
-def place(blob: Path, dest: Path, sha256: str) -> None:
-    """Put a copy of a cached file at ``dest`` atomically, only once the copy is proven to hash to ``sha256``.
+class _PlacingWriter:
+    """Where a download goes: the destination's temp file and the cache's at once. The destination's
+    writeback starts as the data arrives, so the fsync that makes it durable has little left to wait for."""
 
-    A reflink where the filesystem has them, else an in-kernel copy. Never a hard link: an edit of
-    the pulled file would edit the cache."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(dest) as partial:
-        if not _reflink(blob, partial):
-            _kernel_copy(blob, partial)
-        with open(partial, "rb") as copy, ThreadPoolExecutor(max_workers=1) as disk:
-            # The copy's pages are still in memory: hash them while the disk writes them out.
-            flushed = disk.submit(os.fsync, copy.fileno())
-            digest = hashlib.file_digest(copy, "sha256").hexdigest()
-            flushed.result()
-        if digest != sha256:
-            raise IntegrityError(
-                f"the pull cache's copy {blob} of {dest.name} has SHA-256 {digest}, not the manifest's {sha256}: it was changed "
-                "in the cache; it is removed from the cache and nothing was written. Pull again to download it anew"
-            )
+    def __init__(self, placed: BinaryIO, cached: BinaryIO, flusher: ThreadPoolExecutor):
+        self._placed = placed
+        self._cached = cached
+        self._flusher = flusher
+        self._flushing: Future | None = None
+        self._unflushed = 0
+
+    def write(self, data: bytes) -> int:
+        self._placed.write(data)
+        self._cached.write(data)
+        self._unflushed += len(data)
+        if self._unflushed >= _FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
+            self._placed.flush()
+            self._flushing = self._flusher.submit(os.fdatasync, self._placed.fileno())
+            self._unflushed = 0
+        return len(data)
 
 
 def _kernel_copy(blob: Path, partial: Path) -> None:

@@ -5,6 +5,7 @@ All a deployment needs; nothing here writes to the store.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from trtforge.registry.pull import (
 )
 from trtforge.registry.signing import SignatureError, Trust, VersionVerifier
 from trtforge.registry.storage import ObjectStore
+from trtforge.safeio import atomic_output
 
 
 class TargetSummary(BaseModel):
@@ -258,22 +260,34 @@ class RegistryReader:
         if dest.exists() and not dest.is_dir():
             raise RegistryError(f"pull destination {dest} is a file: give a folder")
         cache = BlobCache(Path(cache_dir) if cache_dir else default_cache_dir())
-        blobs = {}
-        for name, file_entry in entry.files.items():
-            blob = cache.lookup(file_entry)
-            cached = blob is not None
-            if blob is None:
-                blob = cache.fetch(self.store, version_key(model, number, f"{entry.tag}/{name}"), file_entry)
-            blobs[name] = (blob, cached)
+        created = not dest.exists()
         try:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RegistryError(f"cannot create pull destination {dest}: {err.strerror}") from None
         files = []
-        for name, (blob, cached) in blobs.items():
-            cache.place(blob, dest / name, entry.files[name])
-            file_entry = entry.files[name]
-            files.append(PulledFile(name=name, path=str(dest / name), sha256=file_entry.sha256, size=file_entry.size, cached=cached))
+        written = []
+        try:
+            # Every file is verified in its temp file before any takes its name: a bad one leaves the folder as it was.
+            with contextlib.ExitStack() as placing:
+                for name, file_entry in entry.files.items():
+                    target = dest / name
+                    blob = cache.lookup(file_entry)
+                    cached = blob is not None
+                    if not (cached and cache.placed(target, file_entry)):
+                        partial = placing.enter_context(atomic_output(target))
+                        if not (cached and cache.copy(blob, partial, file_entry)):
+                            cached = False
+                            cache.fetch(self.store, version_key(model, number, f"{entry.tag}/{name}"), file_entry, partial)
+                        written.append(name)
+                    files.append(PulledFile(name=name, path=str(target), sha256=file_entry.sha256, size=file_entry.size, cached=cached))
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    dest.rmdir()
+            raise
+        for name in written:
+            cache.record_placement(dest / name, entry.files[name])
         primary = entry.files[entry.primary_file]
         gate = entry.record.get("gate")
         return PullResult(

@@ -37,6 +37,7 @@ from trtforge.registry.storage import (
     StoredObject,
     TransferredFile,
     TransferSettings,
+    Writable,
     check_key,
 )
 
@@ -387,9 +388,13 @@ class S3Store:
             time.sleep(max(0.0, moved / self._transfer.max_bandwidth - (time.monotonic() - started)))
 
     def download_file(self, key: str, dest: Path) -> TransferredFile:
+        with open(dest, "wb") as handle:
+            return self.download_into(key, handle)
+
+    def download_into(self, key: str, handle: BinaryIO | Writable) -> TransferredFile:
         full = self._full(key)
-        with self._calling("downloading", key), open(dest, "wb") as handle:
-            written = HashingWriter(handle)
+        written = HashingWriter(handle)
+        with self._calling("downloading", key):
             self._client.download_fileobj(self.bucket, full, written, Config=self._transfer_config)
         return written.result()
 

@@ -87,6 +87,10 @@ class TransferredFile:
     size: int
 
 
+class Writable(Protocol):
+    def write(self, data: bytes) -> int: ...
+
+
 class HashingWriter:
     """A file to download into that hashes the bytes it writes, in the order they are written.
 
@@ -94,7 +98,7 @@ class HashingWriter:
     ranged download in file order (``download_fileobj`` buffers those that arrive early).
     """
 
-    def __init__(self, handle: BinaryIO):
+    def __init__(self, handle: BinaryIO | Writable):
         self._handle = handle
         self._digest = hashlib.sha256()
         self._size = 0
@@ -141,6 +145,9 @@ class ObjectStore(Protocol):
 
     def download_file(self, key: str, dest: Path) -> TransferredFile:
         """Write the object's bytes to ``dest``; returns their SHA-256 and size, for the caller to check."""
+
+    def download_into(self, key: str, handle: BinaryIO) -> TransferredFile:
+        """Write the object's bytes in order to ``handle`` (anything with ``write``); returns their SHA-256 and size."""
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]: ...
 
