@@ -63,6 +63,8 @@ class CalibrationSet:
     ``unreadable`` maps image files that could not be decoded to the reason; it is only ever
     non-empty when the set was loaded with ``skip_unreadable=True``. ``from_images`` tells
     whether the samples were decoded from image files (a folder, or an archive of images).
+    ``image_ids`` name each sample's image in COCO or YOLO ``calibration.annotations``: the
+    ``calibration.sample_ids`` array of an .npz, an image file's name without its suffix.
     """
 
     arrays: dict[str, np.ndarray]
@@ -72,6 +74,7 @@ class CalibrationSet:
     source: Path
     unreadable: dict[str, str] = field(default_factory=dict)
     from_images: bool = False
+    image_ids: np.ndarray | None = None
 
     @property
     def samples(self) -> int:
@@ -118,8 +121,9 @@ def _load_unpacked(path: Path, spec: ModelSpec, cal: CalibrationSpec, skip_unrea
             raise CalibrationError(STAGE, _unreadable_message(path, loaded.unreadable))
         return loaded
     suffix = path.suffix.lower()
+    image_ids = None
     if suffix == ".npz":
-        arrays, labels = _read_npz(path, spec, cal)
+        arrays, labels, image_ids = _read_npz(path, spec, cal)
     elif suffix == ".npy":
         arrays, labels = _read_npy(path, spec, cal)
     else:
@@ -136,6 +140,7 @@ def _load_unpacked(path: Path, spec: ModelSpec, cal: CalibrationSpec, skip_unrea
         sample_names=[str(i) for i in range(count)],
         sha256=content_sha256(arrays, labels),
         source=path,
+        image_ids=image_ids,
     )
 
 
@@ -153,7 +158,7 @@ def content_sha256(arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> 
     return digest.hexdigest()
 
 
-def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
     stored = load_arrays(path, what="calibration data", limits=archive_limits(cal))
     names = [i.name for i in spec.inputs]
     missing = [n for n in names if n not in stored]
@@ -174,7 +179,15 @@ def _read_npz(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[s
             )
         labels = stored[cal.labels]
     _check_arrays(path, arrays, labels)
-    return arrays, labels
+    image_ids = stored.get(cal.sample_ids) if cal.annotation_format in ("coco", "yolo") else None
+    count = len(next(iter(arrays.values())))
+    if image_ids is not None and image_ids.shape != (count,):
+        raise CalibrationError(
+            STAGE,
+            f"array {cal.sample_ids!r} in {path} has shape {list(image_ids.shape)}: it names each of the {count} samples' image "
+            "in calibration.annotations, one id per sample (calibration.sample_ids names the array)",
+        )
+    return arrays, labels, image_ids
 
 
 def _read_npy(path: Path, spec: ModelSpec, cal: CalibrationSpec) -> tuple[dict[str, np.ndarray], None]:
@@ -277,6 +290,7 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
         source=folder,
         unreadable=read.unreadable,
         from_images=True,
+        image_ids=np.asarray([PurePosixPath(name).with_suffix("").as_posix() for name in read.names]),
     )
 
 

@@ -10,6 +10,10 @@ set's ``sample_ids`` array, by image id or file name), as a folder of YOLO ``.tx
 eval order. Segmentation ground truth is a folder of PNG label masks (``<sample id>.png``) or an
 ``.npz`` whose ``masks`` array is ``[samples, H, W]``. Every problem is one ``SpecError`` naming
 the file, the entry and what to change.
+
+A detection model's calibration set may carry boxes too (``calibration.annotations``, the same
+three forms, matched through ``calibration.sample_ids``): the detection readers take ``of``, the
+spec section whose set the annotations describe, and name that section in their messages.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,6 +34,8 @@ from trtforge.spec import ModelSpec, Task
 BOX_SLACK_PX = 1.0
 MASK_ARRAY = "masks"
 SHOWN_VALUES = 10
+
+Section = Literal["eval", "calibration"]
 
 
 @dataclass(frozen=True)
@@ -83,82 +89,94 @@ def load_truth(spec: ModelSpec, sample_ids: np.ndarray | None, samples: int, lim
     return None
 
 
-def _fail(path: Path, entry: str, fix: str) -> SpecError:
-    return SpecError(f"eval.annotations: {path}: {entry}: {fix}")
+def _fail(path: Path, entry: str, fix: str, of: Section = "eval") -> SpecError:
+    return SpecError(f"{of}.annotations: {path}: {entry}: {fix}")
 
 
-def _need_ids(spec: ModelSpec, sample_ids: np.ndarray | None, path: Path, kind: str) -> list[str] | list[int]:
+def _section(spec: ModelSpec, of: Section):
+    """The spec section holding the annotated set's data, annotations and sample_ids."""
+    return spec.eval if of == "eval" else spec.calibration
+
+
+def _need_ids(spec: ModelSpec, sample_ids: np.ndarray | None, path: Path, kind: str, of: Section = "eval") -> list[str] | list[int]:
+    section = _section(spec, of)
     if sample_ids is None:
         raise _fail(
             path,
-            f"{kind} are matched to eval samples by name",
-            f"add an array {spec.eval.sample_ids!r} to eval.data ({spec.eval.data}) with one id per sample, "
-            "or name the array that has them in eval.sample_ids",
+            f"{kind} are matched to {of} samples by name",
+            f"add an array {section.sample_ids!r} to {of}.data ({section.data}) with one id per sample, "
+            f"or name the array that has them in {of}.sample_ids",
+            of,
         )
     values = sample_ids.tolist()
     duplicates = sorted((v for v, n in Counter(values).items() if n > 1), key=str)
     if duplicates:
         raise SpecError(
-            f"eval.data: {spec.eval.data}: array {spec.eval.sample_ids!r} names images {duplicates[:SHOWN_VALUES]} more than once: "
-            "each eval sample must be a different image"
+            f"{of}.data: {section.data}: array {section.sample_ids!r} names images {duplicates[:SHOWN_VALUES]} more than once: "
+            f"each {of} sample must be a different image"
         )
     return values
 
 
-def _check_box(path: Path, entry: str, box: np.ndarray, height: int, width: int) -> None:
+def _check_box(path: Path, entry: str, box: np.ndarray, height: int, width: int, of: Section = "eval") -> None:
     x1, y1, x2, y2 = (float(v) for v in box)
     if not np.all(np.isfinite(box)) or x2 <= x1 or y2 <= y1:
-        raise _fail(path, entry, f"box (x1, y1, x2, y2) = {[x1, y1, x2, y2]} is empty or not finite; boxes need x2 > x1 and y2 > y1")
+        raise _fail(path, entry, f"box (x1, y1, x2, y2) = {[x1, y1, x2, y2]} is empty or not finite; boxes need x2 > x1 and y2 > y1", of)
     if x1 < -BOX_SLACK_PX or y1 < -BOX_SLACK_PX or x2 > width + BOX_SLACK_PX or y2 > height + BOX_SLACK_PX:
         raise _fail(
             path,
             entry,
             f"box (x1, y1, x2, y2) = {[round(v, 2) for v in (x1, y1, x2, y2)]} lies outside the {width}x{height} model input: "
-            "boxes are in the pixels of the eval set's (preprocessed) inputs",
+            f"boxes are in the pixels of the {of} set's (preprocessed) inputs",
+            of,
         )
 
 
 # ---------------------------------------------------------------- detection
 
 
-def load_detection_truth(spec: ModelSpec, sample_ids: np.ndarray | None, samples: int, limits: ArchiveLimits) -> DetectionTruth:
-    path = spec.eval.annotations
+def load_detection_truth(
+    spec: ModelSpec, sample_ids: np.ndarray | None, samples: int, limits: ArchiveLimits, of: Section = "eval"
+) -> DetectionTruth:
+    """The boxes of the eval set (``eval.annotations``), or of the calibration set with ``of="calibration"``."""
+    section = _section(spec, of)
+    path = section.annotations
     if not path.exists():
-        raise SpecError(f"eval.annotations: {path} does not exist")
+        raise SpecError(f"{of}.annotations: {path} does not exist")
     height, width = image_size(spec)
-    fmt = spec.eval.annotation_format
+    fmt = section.annotation_format
     if fmt == "coco":
-        classes, boxes, labels, crowd = _read_coco(spec, path, sample_ids, height, width)
+        classes, boxes, labels, crowd = _read_coco(spec, path, sample_ids, height, width, of)
     elif fmt == "yolo":
         classes = list(spec.eval.classes)
-        boxes, labels = _read_yolo(spec, path, sample_ids, height, width)
+        boxes, labels = _read_yolo(spec, path, sample_ids, height, width, of)
         crowd = [np.zeros(len(b), dtype=bool) for b in boxes]
     else:
         classes = list(spec.eval.classes)
-        boxes, labels = _read_box_npz(path, samples, len(classes), height, width, limits)
+        boxes, labels = _read_box_npz(path, samples, len(classes), height, width, limits, of)
         crowd = [np.zeros(len(b), dtype=bool) for b in boxes]
     if len(boxes) != samples:
-        raise _fail(path, f"{len(boxes)} images", f"the eval set has {samples} samples: give ground truth for each, in eval order")
+        raise _fail(path, f"{len(boxes)} images", f"the {of} set has {samples} samples: give ground truth for each, in {of} order", of)
     return DetectionTruth(classes=classes, boxes=boxes, labels=labels, crowd=crowd, height=height, width=width, source=path)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, of: Section = "eval") -> Any:
     if not path.is_file():
-        raise _fail(path, "not a file", "COCO annotations are one .json file")
+        raise _fail(path, "not a file", "COCO annotations are one .json file", of)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _fail(path, "not valid JSON", f"{err}; write it with json.dump") from None
+        raise _fail(path, "not valid JSON", f"{err}; write it with json.dump", of) from None
 
 
-def _records(path: Path, data: Any, key: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+def _records(path: Path, data: Any, key: str, fields: tuple[str, ...], of: Section = "eval") -> list[dict[str, Any]]:
     records = data.get(key) if isinstance(data, dict) else None
     if not isinstance(records, list):
-        raise _fail(path, f"no list {key!r}", "a COCO file has top-level lists 'images', 'annotations' and 'categories'")
+        raise _fail(path, f"no list {key!r}", "a COCO file has top-level lists 'images', 'annotations' and 'categories'", of)
     for index, record in enumerate(records):
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
-            raise _fail(path, f"{key}[{index}]", f"has no {missing}; COCO {key} entries need {list(fields)}")
+            raise _fail(path, f"{key}[{index}]", f"has no {missing}; COCO {key} entries need {list(fields)}", of)
     return records
 
 
@@ -170,13 +188,13 @@ def coco_class_names(path: Path) -> list[str]:
 
 
 def _read_coco(
-    spec: ModelSpec, path: Path, sample_ids: np.ndarray | None, height: int, width: int
+    spec: ModelSpec, path: Path, sample_ids: np.ndarray | None, height: int, width: int, of: Section = "eval"
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    data = _read_json(path)
-    images = _records(path, data, "images", ("id", "width", "height"))
-    annotations = _records(path, data, "annotations", ("id", "image_id", "category_id", "bbox"))
-    categories = _records(path, data, "categories", ("id", "name"))
-    ids = _need_ids(spec, sample_ids, path, "COCO images")
+    data = _read_json(path, of)
+    images = _records(path, data, "images", ("id", "width", "height"), of)
+    annotations = _records(path, data, "annotations", ("id", "image_id", "category_id", "bbox"), of)
+    categories = _records(path, data, "categories", ("id", "name"), of)
+    ids = _need_ids(spec, sample_ids, path, "COCO images", of)
 
     by_category = {c["id"]: c["name"] for c in categories}
     if spec.eval.classes is None:
@@ -187,10 +205,10 @@ def _read_coco(
         names = {name: cid for cid, name in by_category.items()}
         unknown = [c for c in classes if c not in names]
         if unknown:
-            raise _fail(path, f"eval.classes {unknown}", f"are not category names in 'categories' ({sorted(names)}): fix eval.classes")
+            raise _fail(path, f"eval.classes {unknown}", f"are not category names in 'categories' ({sorted(names)}): fix eval.classes", of)
         extra = sorted(set(names) - set(classes))
         if extra:
-            raise _fail(path, f"categories {extra}", "are not in eval.classes: the model cannot predict them; add them to eval.classes")
+            raise _fail(path, f"categories {extra}", "are not in eval.classes: the model cannot predict them; add them to eval.classes", of)
         ordered = [names[c] for c in classes]
     class_of = {cid: index for index, cid in enumerate(ordered)}
 
@@ -206,16 +224,18 @@ def _read_coco(
         if image is None:
             raise _fail(
                 path,
-                f"eval sample {index}",
-                f"names image {key!r} (array {spec.eval.sample_ids!r} of eval.data), which is not an id or file_name in 'images': "
-                "add the image or fix the id",
+                f"{of} sample {index}",
+                f"names image {key!r} (array {_section(spec, of).sample_ids!r} of {of}.data), which is not an id or file_name "
+                "in 'images': add the image or fix the id",
+                of,
             )
         if (image["width"], image["height"]) != (width, height):
             raise _fail(
                 path,
                 f"image id {image['id']}",
                 f"is {image['width']}x{image['height']} but the model input is {width}x{height}: "
-                "annotate the eval set's preprocessed inputs (boxes in their pixels)",
+                f"annotate the {of} set's preprocessed inputs (boxes in their pixels)",
+                of,
             )
         sample_of[image["id"]] = index
 
@@ -229,14 +249,14 @@ def _read_coco(
         entry = f"annotation id {annotation['id']} (image id {annotation['image_id']})"
         if annotation["category_id"] not in class_of:
             raise _fail(
-                path, entry, f"has category_id {annotation['category_id']!r}, not one of the ids in 'categories' {sorted(by_category)}"
+                path, entry, f"has category_id {annotation['category_id']!r}, not one of the ids in 'categories' {sorted(by_category)}", of
             )
         bbox = annotation["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            raise _fail(path, entry, f"bbox {bbox!r} is not [x, y, width, height]")
+            raise _fail(path, entry, f"bbox {bbox!r} is not [x, y, width, height]", of)
         x, y, w, h = (float(v) for v in bbox)
         box = np.array([x, y, x + w, y + h])
-        _check_box(path, entry, box, height, width)
+        _check_box(path, entry, box, height, width, of)
         boxes[index].append(box.tolist())
         labels[index].append(class_of[annotation["category_id"]])
         crowd[index].append(bool(annotation.get("iscrowd", 0)))
@@ -249,16 +269,16 @@ def _read_coco(
 
 
 def _read_yolo(
-    spec: ModelSpec, folder: Path, sample_ids: np.ndarray | None, height: int, width: int
+    spec: ModelSpec, folder: Path, sample_ids: np.ndarray | None, height: int, width: int, of: Section = "eval"
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if not folder.is_dir():
-        raise _fail(folder, "not a folder", "YOLO labels are a folder of <sample id>.txt files; COCO is a .json, boxes an .npz")
+        raise _fail(folder, "not a folder", "YOLO labels are a folder of <sample id>.txt files; COCO is a .json, boxes an .npz", of)
     count = len(spec.eval.classes)
     boxes, labels = [], []
-    for index, key in enumerate(_need_ids(spec, sample_ids, folder, "YOLO label files")):
+    for index, key in enumerate(_need_ids(spec, sample_ids, folder, "YOLO label files", of)):
         path = folder / f"{key}.txt"
         if not path.is_file():
-            raise _fail(path, f"eval sample {index} ({key!r})", "has no label file; write an empty one for an image without objects")
+            raise _fail(path, f"{of} sample {index} ({key!r})", "has no label file; write an empty one for an image without objects", of)
         rows, classes = [], []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -270,13 +290,13 @@ def _read_yolo(
             except ValueError:
                 values = []
             if len(values) != 5 or values[0] != int(values[0]):
-                raise _fail(path, entry, f"{line.strip()!r} is not 'class cx cy w h' (a class index and four numbers)")
+                raise _fail(path, entry, f"{line.strip()!r} is not 'class cx cy w h' (a class index and four numbers)", of)
             cls = int(values[0])
             if not 0 <= cls < count:
-                raise _fail(path, entry, f"class {cls} is not an index into eval.classes (0..{count - 1}: {spec.eval.classes})")
+                raise _fail(path, entry, f"class {cls} is not an index into eval.classes (0..{count - 1}: {spec.eval.classes})", of)
             cx, cy, w, h = values[1] * width, values[2] * height, values[3] * width, values[4] * height
             box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-            _check_box(path, entry, box, height, width)
+            _check_box(path, entry, box, height, width, of)
             rows.append(box)
             classes.append(cls)
         boxes.append(np.array(rows, dtype=np.float64).reshape(-1, 4))
@@ -285,15 +305,15 @@ def _read_yolo(
 
 
 def _read_box_npz(
-    path: Path, samples: int, count: int, height: int, width: int, limits: ArchiveLimits
+    path: Path, samples: int, count: int, height: int, width: int, limits: ArchiveLimits, of: Section = "eval"
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    arrays = load_arrays(path, what="eval annotations", limits=limits)
+    arrays = load_arrays(path, what=f"{of} annotations", limits=limits)
     boxes, labels = [], []
     for index in range(samples):
         box_key, label_key = f"boxes_{index}", f"labels_{index}"
         if box_key not in arrays or label_key not in arrays:
             raise _fail(
-                path, f"eval sample {index}", f"has no arrays {box_key!r} and {label_key!r}: one pair per eval sample, in eval order"
+                path, f"{of} sample {index}", f"has no arrays {box_key!r} and {label_key!r}: one pair per {of} sample, in {of} order", of
             )
         box, label = arrays[box_key], arrays[label_key]
         if box.ndim != 2 or box.shape[1] != 4 or label.shape != (len(box),):
@@ -301,20 +321,21 @@ def _read_box_npz(
                 path,
                 f"{box_key} / {label_key}",
                 f"have shapes {list(box.shape)} and {list(label.shape)}; expected [N, 4] (x1, y1, x2, y2 pixels) and [N]",
+                of,
             )
         if not np.issubdtype(label.dtype, np.integer):
-            raise _fail(path, label_key, f"has dtype {label.dtype}; class indices are integers")
+            raise _fail(path, label_key, f"has dtype {label.dtype}; class indices are integers", of)
         bad = sorted({int(v) for v in label if not 0 <= v < count})
         if bad:
-            raise _fail(path, label_key, f"has class indices {bad[:SHOWN_VALUES]} outside eval.classes (0..{count - 1})")
+            raise _fail(path, label_key, f"has class indices {bad[:SHOWN_VALUES]} outside eval.classes (0..{count - 1})", of)
         for row, value in enumerate(box.astype(np.float64)):
-            _check_box(path, f"{box_key}[{row}]", value, height, width)
+            _check_box(path, f"{box_key}[{row}]", value, height, width, of)
         boxes.append(box.astype(np.float64))
         labels.append(label.astype(np.int64))
     extra = sorted(k for k in arrays if k.startswith("boxes_") and k.removeprefix("boxes_").isdigit() and int(k[6:]) >= samples)
     if extra:
         raise _fail(
-            path, f"arrays {extra[:SHOWN_VALUES]}", f"have no eval sample: the eval set has {samples}; drop them or add the samples"
+            path, f"arrays {extra[:SHOWN_VALUES]}", f"have no {of} sample: the {of} set has {samples}; drop them or add the samples", of
         )
     return boxes, labels
 

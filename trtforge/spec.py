@@ -259,6 +259,16 @@ class CalibrationSpec(Strict):
         default=None,
         description="key of the labels array in an .npz; for an image folder, any value reads labels from class subfolders",
     )
+    annotations: Path | None = Field(
+        default=None,
+        description="detection: the set's boxes in a form eval.annotations takes (a COCO .json, a folder of YOLO .txt labels or "
+        "an .npz with boxes_<i>, labels_<i>); class coverage then counts objects per class",
+    )
+    sample_ids: str = Field(
+        default="image_ids",
+        description="array in an .npz set naming each sample's image in COCO or YOLO annotations; an image folder's samples "
+        "are named by their file names without the suffix",
+    )
     preprocessing: Preprocessing | None = None
     min_samples: Annotated[int, Field(ge=1)] = 500
     max_samples: Annotated[int, Field(ge=1)] = 1024
@@ -282,6 +292,27 @@ class CalibrationSpec(Strict):
     max_archive_ratio: Annotated[float, Field(gt=1)] = Field(
         default=200.0, description="largest unpacked-to-packed size ratio of a calibration archive (zip bombs exceed it)"
     )
+
+    @property
+    def annotation_format(self) -> Literal["coco", "npz", "yolo"] | None:
+        if self.annotations is None:
+            return None
+        if self.annotations.suffix == ".json":
+            return "coco"
+        return "npz" if self.annotations.suffix == ".npz" else "yolo"
+
+    @model_validator(mode="after")
+    def _one_kind_of_class_coverage(self) -> CalibrationSpec:
+        if self.labels is not None and self.annotations is not None:
+            raise ValueError("'labels' (one class per sample) and 'annotations' (objects per sample) both count class coverage: keep one")
+        return self
+
+    def under(self, base: Path) -> CalibrationSpec:
+        """This section with its relative paths resolved against ``base`` (the spec's folder)."""
+        updates: dict[str, Any] = {"data": self.data if self.data.is_absolute() else base / self.data}
+        if self.annotations is not None and not self.annotations.is_absolute():
+            updates["annotations"] = base / self.annotations
+        return self.model_copy(update=updates)
 
 
 class ServingSpec(Strict):
@@ -711,7 +742,7 @@ def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
         "source": base,
     }
     if spec.calibration is not None:
-        updates["calibration"] = spec.calibration.model_copy(update={"data": resolve(spec.calibration.data)})
+        updates["calibration"] = spec.calibration.under(base)
     if spec.watch is not None and "://" not in spec.watch.location:
         updates["watch"] = spec.watch.model_copy(update={"location": str(resolve(Path(spec.watch.location)))})
     return spec.model_copy(update=updates)

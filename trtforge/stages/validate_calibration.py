@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from trtforge.calibration import CalibrationSet, calibration_spec, load_calibration
+from trtforge.calibration import CalibrationSet, archive_limits, calibration_spec, load_calibration
 from trtforge.errors import CalibrationError
-from trtforge.evalset import eval_limits
+from trtforge.evalset import eval_limits, load_eval_set
+from trtforge.groundtruth import DetectionTruth, coco_class_names, load_detection_truth
 from trtforge.safeio import atomic_directory, atomic_write_json, load_arrays
-from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec
+from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec, Task
 
 STAGE = "calibration"
 RESULT_FILE = "calibration_validation.json"
@@ -44,6 +45,8 @@ DUPLICATE_COLUMN = "duplicate"
 HASH_COLUMN = "sha256"
 LABEL_COLUMN = "label"
 CLASS_COUNT_COLUMN = "class_count"
+# Per class index: how many annotated objects of that class each sample holds (detection).
+OBJECTS_PREFIX = "objects."
 
 EIGHT_BIT_MAX = 255.0
 # A sample whose std is under this fraction of the value range it should span carries
@@ -142,8 +145,9 @@ def validate_calibration(spec: ModelSpec, data: Path | None = None, out_dir: Pat
     cal = calibration_spec(spec, data)
     calibration = load_calibration(spec, data, skip_unreadable=True)
     references = eval_references(spec, cal)
-    table = sample_table(spec, cal, calibration)
-    checks = build_checks(spec, cal, calibration, table, references)
+    coverage = object_coverage(spec, cal, calibration)
+    table = sample_table(spec, cal, calibration, coverage)
+    checks = build_checks(spec, cal, calibration, table, references, coverage)
     result, context, suite = _run_great_expectations(spec, table, checks)
 
     failed: list[FailedExpectation] = []
@@ -233,7 +237,7 @@ def _quiet_empty_slices() -> warnings.catch_warnings:
     return warnings.catch_warnings(action="ignore", category=RuntimeWarning)
 
 
-def sample_table(spec: ModelSpec, cal: CalibrationSpec, calibration: CalibrationSet):
+def sample_table(spec: ModelSpec, cal: CalibrationSpec, calibration: CalibrationSet, coverage: ObjectCoverage | None = None):
     """One row per sample (and per unreadable image file), one column per statistic."""
     import pandas as pd
 
@@ -275,7 +279,52 @@ def sample_table(spec: ModelSpec, cal: CalibrationSpec, calibration: Calibration
         per_class = dict(zip(classes.tolist(), counts.tolist()))
         columns[LABEL_COLUMN] = padded(labels.tolist())
         columns[CLASS_COUNT_COLUMN] = padded([per_class[label] for label in labels.tolist()])
+    if coverage is not None:
+        for index in range(len(coverage.classes)):
+            # An unreadable image adds no objects.
+            columns[f"{OBJECTS_PREFIX}{index}"] = [int(np.sum(labels == index)) for labels in coverage.calibration.labels] + [
+                0
+            ] * unreadable
     return pd.DataFrame(columns)
+
+
+# ---------------------------------------------------------------- objects per class (detection)
+
+
+@dataclass(frozen=True)
+class ObjectCoverage:
+    """The calibration set's boxes and, per class, how many objects the eval set's ground truth has."""
+
+    calibration: DetectionTruth
+    classes: list[str]
+    eval_objects: dict[int, int]
+
+
+def object_coverage(spec: ModelSpec, cal: CalibrationSpec, calibration: CalibrationSet) -> ObjectCoverage | None:
+    """Read ``calibration.annotations`` against the eval set's classes; None when the set declares none."""
+    if cal.annotations is None:
+        return None
+    if spec.eval.task is not Task.DETECTION:
+        raise CalibrationError(
+            STAGE,
+            f"calibration.annotations ({cal.annotations}) holds boxes, for a detection model (eval.task: detection), but "
+            f"eval.task is {spec.eval.task.value!r}: remove calibration.annotations, or count classes with calibration.labels",
+        )
+    eval_truth = load_eval_set(spec).truth
+    classes = list(eval_truth.classes)
+    if cal.annotation_format == "coco":
+        names = coco_class_names(cal.annotations)
+        if sorted(names) != sorted(classes):
+            raise CalibrationError(
+                STAGE,
+                f"calibration.annotations {cal.annotations} has categories {names}, the eval set's classes are {classes}: "
+                "name the calibration set's categories as the eval set's (their ids may differ)",
+            )
+    # The calibration boxes are read against the eval set's class names, so that class indices agree.
+    reading = spec.model_copy(update={"eval": spec.eval.model_copy(update={"classes": classes}), "calibration": cal})
+    truth = load_detection_truth(reading, calibration.image_ids, calibration.samples, archive_limits(cal), of="calibration")
+    counted = np.bincount(np.concatenate([np.zeros(0, np.int64), *eval_truth.labels]), minlength=len(classes))
+    return ObjectCoverage(truth, classes, {index: int(n) for index, n in enumerate(counted.tolist()) if n > 0})
 
 
 def _sample_hashes(calibration: CalibrationSet) -> list[str]:
@@ -377,6 +426,7 @@ def build_checks(
     calibration: CalibrationSet,
     table,
     references: dict[str, InputReference],
+    coverage: ObjectCoverage | None = None,
 ) -> list[Check]:
     """The expectation suite for this spec, each expectation with the wording of its failure."""
     import great_expectations.expectations as gxe
@@ -430,6 +480,8 @@ def build_checks(
     )
     if calibration.labels is not None:
         _add_label_checks(add, gxe, spec, cal, table)
+    if coverage is not None:
+        _add_object_checks(add, gxe, cal, coverage)
     return checks
 
 
@@ -776,6 +828,34 @@ def _add_label_checks(add: Callable[..., None], gxe: Any, spec: ModelSpec, cal: 
         column=CLASS_COUNT_COLUMN,
         min_value=cal.min_per_class,
     )
+
+
+def _add_object_checks(add: Callable[..., None], gxe: Any, cal: CalibrationSpec, coverage: ObjectCoverage) -> None:
+    """Per class of the eval set's ground truth: at least min_per_class annotated objects in the calibration set."""
+    if cal.min_per_class == 0:
+        return
+    wanted = cal.min_per_class
+    for index, eval_count in coverage.eval_objects.items():
+        name = coverage.classes[index]
+        named = f"class {index} {name!r}"
+        add(
+            gxe.ExpectColumnSumToBeBetween,
+            f"At least {wanted} objects of {named} (calibration.min_per_class), counted in calibration.annotations.",
+            lambda r, name=name, named=named, eval_count=eval_count: (
+                (
+                    f"{named} has no objects in the calibration set (calibration.annotations {cal.annotations}), where the "
+                    f"eval set's ground truth has {eval_count}"
+                    if not r["observed_value"]
+                    else f"{named} has {_plain(r['observed_value'])} objects in the calibration set, fewer than "
+                    f"calibration.min_per_class {wanted} (the eval set's ground truth has {eval_count})"
+                )
+                + f": add images holding at least {wanted} {name!r} objects to calibration.data, "
+                "with their boxes in calibration.annotations",
+                [],
+            ),
+            column=f"{OBJECTS_PREFIX}{index}",
+            min_value=wanted,
+        )
 
 
 def _eval_classes(spec: ModelSpec) -> list[int] | None:
