@@ -316,7 +316,10 @@ def test_images_of_different_sizes_need_resize(digits_spec, tmp_path):
     for name, size in (("a.png", 8), ("b.png", 8), ("odd.png", 9)):
         Image.fromarray(np.full((size, size), 100, np.uint8), mode="L").save(folder / name)
     spec = with_calibration(digits_spec, data=folder, labels=None, preprocessing=GRAY_PNG)
-    with pytest.raises(CalibrationError, match=r"odd\.png .*calibration\.preprocessing\.resize"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"odd\.png differ: set calibration\.preprocessing\.resize to \[8, 8\], the \(height, width\) of input 'input'",
+    ):
         load_calibration(spec)
     resized = with_calibration(spec, preprocessing=GRAY_PNG.model_copy(update={"resize": (8, 8)}))
     assert load_calibration(resized).arrays["input"].shape == (3, 1, 8, 8)

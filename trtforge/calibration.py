@@ -278,7 +278,7 @@ def _read_image_folder(folder: Path, spec: ModelSpec, cal: CalibrationSpec) -> C
         read.classes.append(path.relative_to(folder).parts[0])
     if not read.pixels:
         raise CalibrationError(STAGE, _unreadable_message(folder, read.unreadable))
-    _check_same_size(folder, read)
+    _check_same_size(folder, read, only, preprocessing)
     array = np.stack(read.pixels).astype(only.dtype)
     arrays = {only.name: array}
     labels = _class_indices(read.classes) if with_labels else None
@@ -310,16 +310,22 @@ def preprocess_image(image, preprocessing: Preprocessing) -> np.ndarray:
     return pixels.transpose(2, 0, 1) if preprocessing.layout == "NCHW" else pixels
 
 
-def _check_same_size(folder: Path, read: _ImageRead) -> None:
+def _check_same_size(folder: Path, read: _ImageRead, only: InputSpec, preprocessing: Preprocessing) -> None:
     shapes = Counter(p.shape for p in read.pixels)
     if len(shapes) == 1:
         return
     common, count = shapes.most_common(1)[0]
     odd = [name for name, pixels in zip(read.names, read.pixels) if pixels.shape != common]
+    shape = only.shape_at("opt")
+    if len(shape) == 4:
+        height, width = shape[1:3] if preprocessing.layout == "NHWC" else shape[2:4]
+        fix = f"set calibration.preprocessing.resize to [{height}, {width}], the (height, width) of input {only.name!r}"
+    else:
+        fix = "set calibration.preprocessing.resize to the model's (height, width)"
     raise CalibrationError(
         STAGE,
         f"images in {folder} have different sizes: {count} give shape {common}, but {', '.join(odd[:10])}"
-        f"{' and more' if len(odd) > 10 else ''} differ: set calibration.preprocessing.resize to the model's (height, width)",
+        f"{' and more' if len(odd) > 10 else ''} differ: {fix}",
     )
 
 
