@@ -419,3 +419,23 @@ def test_server_stopped_mid_run_gives_a_clear_error(tmp_path, monkeypatch):
     assert server.endpoint not in message and str(server.ports["s3.port"]) not in message
     with pytest.raises(RegistryUnreachable, match="cannot reach the S3 server .* after 3 attempts"):
         registry.pull(MODEL, tmp_path / "deploy", cache_dir=tmp_path / "cache")
+
+
+def test_a_large_object_changed_on_the_server_is_refused_and_the_deployed_folder_kept(registry_uri, tmp_path, request):
+    registry = open_registry(registry_uri, transfer=TransferSettings(part_size=5 * MiB, max_concurrency=4))
+    first = os.urandom(12 * MiB)
+    publish_one(registry, tmp_path / "v1", first)
+    deploy, cache = tmp_path / "deploy", tmp_path / "cache"
+    registry.pull(MODEL, deploy, cache_dir=cache)
+    second = os.urandom(12 * MiB)
+    publish_one(registry, tmp_path / "v2", second, checkpoint="second")
+    key = f"{MODEL}/versions/2/{TAG}/engine"
+    # One byte changed in the middle of a ranged part, the size kept: only the SHA-256 can tell.
+    corrupt(registry_uri, key, second[: 7 * MiB] + bytes([second[7 * MiB] ^ 1]) + second[7 * MiB + 1 :], request)
+
+    with pytest.raises(IntegrityError, match=f"{key} is corrupted: it has {12 * MiB} bytes with SHA-256 .*nothing was written"):
+        registry.pull(MODEL, deploy, cache_dir=cache)
+    assert sorted(path.name for path in deploy.iterdir()) == ["build.json", "engine"]
+    assert (deploy / "engine").read_bytes() == first
+    assert not (cache / "blobs" / "sha256" / hashlib.sha256(second).hexdigest()[:2] / hashlib.sha256(second).hexdigest()).exists()
+    assert not [path for path in cache.rglob("*") if ".tmp-" in path.name]

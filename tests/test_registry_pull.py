@@ -8,6 +8,7 @@ The records below have the shapes the backends write (the TensorRT build record 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from datetime import UTC, datetime
@@ -308,3 +309,29 @@ def test_a_redeploy_into_the_same_folder_rewrites_only_what_changed(tmp_path):
     registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
     assert engine.stat().st_ino == engine_inode
     assert build.read_text() == build_text
+
+
+def test_a_cache_blob_damaged_behind_a_matching_record_never_reaches_a_new_folder(tmp_path):
+    plan = os.urandom(3 * 1024 * 1024)
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    blob = cache_blob(cache, plan)
+    blob.chmod(0o644)
+    with open(blob, "r+b") as handle:
+        handle.seek(len(plan) // 2)
+        handle.write(b"\0" * 4096)
+    # As after a crash that lost the blob's data but kept its record: the record matches the damaged blob's stat.
+    stat = blob.stat()
+    record = blob.with_name(blob.name + ".verified")
+    record.write_text(
+        json.dumps(
+            {"inode": stat.st_ino, "device": stat.st_dev, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+        )
+    )
+
+    again = registry.pull(MODEL, tmp_path / "elsewhere", cache_dir=cache)
+    assert Path(again.path).read_bytes() == plan
+    assert not next(f for f in again.files if f.name == "engine").cached
+    assert blob.read_bytes() == plan
+    assert {path.name for path in (tmp_path / "elsewhere").iterdir()} == {"build.json", "engine"}

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
-from trtforge.errors import NotFoundError, RegistryError
+from trtforge.errors import IntegrityError, NotFoundError, RegistryError
 from trtforge.hashing import sha256_file
 from trtforge.registry.s3 import S3Store, parse_s3_uri
 from trtforge.registry.storage import MiB, PreconditionFailed, RegistryUnreachable, TransferSettings, open_store
@@ -215,3 +215,53 @@ def test_unreachable_endpoint_is_named_without_revealing_it(s3_registry_uri, mon
 def test_bad_registry_uris_are_explained(uri, problem):
     with pytest.raises(RegistryError, match=problem):
         open_store(uri)
+
+
+# --- transfers corrupted for real ------------------------------------------------------------------
+
+
+def _flip_first_byte(request, **_) -> None:
+    """A botocore ``before-send`` hook: the bytes on the wire differ from those hashed and signed."""
+    body = request.body
+    data = body.read() if hasattr(body, "read") else bytes(body)
+    request.body = bytes([data[0] ^ 0xFF]) + data[1:]
+
+
+@pytest.mark.parametrize("size, operation", [(1 * MiB, "PutObject"), (12 * MiB, "UploadPart")])
+def test_an_upload_corrupted_in_flight_is_refused_and_leaves_nothing(s3_registry_uri, tmp_path, size, operation):
+    store = open_store(s3_registry_uri, TransferSettings(part_size=5 * MiB, max_concurrency=2))
+    source = tmp_path / "engine"
+    source.write_bytes(os.urandom(size))
+    store._client.meta.events.register(f"before-send.s3.{operation}", _flip_first_byte)
+
+    with pytest.raises(IntegrityError, match="was corrupted on its way to the server .* nothing was stored: publish again"):
+        store.upload_file("m/versions/1/t/engine", source)
+    assert store.head("m/versions/1/t/engine") is None
+    assert store.pending_uploads("") == []
+
+
+@pytest.mark.parametrize("size, operation", [(1 * MiB, "PutObject"), (12 * MiB, "CompleteMultipartUpload")])
+def test_an_object_changed_on_the_server_before_the_check_is_refused_and_deleted(seaweedfs, s3_registry_uri, tmp_path, size, operation):
+    store = open_store(s3_registry_uri, TransferSettings(part_size=5 * MiB, max_concurrency=2))
+    source = tmp_path / "engine"
+    source.write_bytes(os.urandom(size))
+    full_key = f"{store.prefix}/m/versions/1/t/engine"
+
+    def overwrite(**_) -> None:
+        # Another writer replaces the object, same size, between the upload and its check.
+        seaweedfs.client().put_object(Bucket=store.bucket, Key=full_key, Body=os.urandom(size))
+
+    store._client.meta.events.register(f"after-call.s3.{operation}", overwrite)
+    with pytest.raises(IntegrityError, match="what the server stored .* is not what was sent from .* it was deleted: publish again"):
+        store.upload_file("m/versions/1/t/engine", source)
+    assert store.head("m/versions/1/t/engine") is None
+
+
+def test_a_transfer_hashes_the_bytes_it_moves(store, tmp_path):
+    source = tmp_path / "engine.bin"
+    source.write_bytes(os.urandom(11 * MiB + 7))
+    uploaded = store.upload_file("m/versions/1/t/engine", source)
+    copy = tmp_path / "copy.bin"
+    downloaded = store.download_file("m/versions/1/t/engine", copy)
+    assert uploaded == downloaded
+    assert (downloaded.sha256, downloaded.size) == (sha256_file(copy), copy.stat().st_size)

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -49,8 +50,8 @@ _CREDENTIAL_CODES = frozenset(
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _PROBE_PREFIX = "_capability-probe"
 _CHECKSUM_MODE = {"ChecksumMode": "ENABLED"}
-# What S3 (and SeaweedFS) answer when a body's bytes do not hash to the checksum sent with them.
-_CHECKSUM_MISMATCH_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
+# What S3 (and SeaweedFS) answer when a body's bytes do not hash to the checksum or signed payload hash sent with them.
+_CHECKSUM_MISMATCH_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -68,6 +69,26 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 def _base64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """What an upload sent (its bytes' SHA-256 and size, and the S3 checksum of its parts) and the checksum the
+    server answered the write with: None from a server that does not take checksums."""
+
+    moved: TransferredFile
+    checksum: str
+    acknowledged: str | None
+
+    def matches(self, size: int, stored: str | None) -> bool:
+        """Whether the object now stored is what was sent: its size, and where the server took checksums, the
+        checksum it reports for the object, which must be the one it acknowledged and the one computed here."""
+        if size != self.moved.size:
+            return False
+        if self.acknowledged is None:
+            # Only a server that kept no checksum may report none; its objects can be compared by size alone.
+            return stored is None or stored == self.checksum
+        return self.acknowledged == self.checksum and stored == self.checksum
 
 
 class S3Store:
@@ -205,7 +226,7 @@ class S3Store:
     def _calling(self, action: str, key: str | None = None):
         try:
             yield
-        except PreconditionFailed:
+        except (PreconditionFailed, RegistryError):
             raise
         except Exception as err:
             translated = self._translate(err, action, key)
@@ -288,33 +309,31 @@ class S3Store:
         with self._calling("uploading", key), open(path, "rb") as source:
             size = os.fstat(source.fileno()).st_size
             if size < self._transfer.part_size:
-                moved, checksum = self._put_whole(key, full, source)
+                upload = self._put_whole(key, full, source)
             else:
-                moved, checksum = self._put_in_parts(key, full, source, size)
+                upload = self._put_in_parts(key, full, source, size)
         with self._calling("reading back", key):
             stored = self._client.head_object(Bucket=self.bucket, Key=full, **_CHECKSUM_MODE)
-        reported = stored.get("ChecksumSHA256")
-        # A server without checksum support reports none: then only the size can be compared.
-        if stored["ContentLength"] != moved.size or (reported is not None and reported != checksum):
+        if not upload.matches(stored["ContentLength"], stored.get("ChecksumSHA256")):
             with contextlib.suppress(Exception):
                 self._client.delete_object(Bucket=self.bucket, Key=full)
             raise IntegrityError(
-                f"{self._where(key)}: what the server stored ({stored['ContentLength']} bytes, SHA-256 checksum {reported}) is not "
-                f"what was sent from {path} ({moved.size} bytes, checksum {checksum}): the object was changed or corrupted on "
-                "the server; it was deleted: publish again"
+                f"{self._where(key)}: what the server stored ({stored['ContentLength']} bytes, SHA-256 checksum "
+                f"{stored.get('ChecksumSHA256')}) is not what was sent from {path} ({upload.moved.size} bytes, checksum "
+                f"{upload.checksum}): the object was changed or corrupted on the server; it was deleted: publish again"
             )
-        return moved
+        return upload.moved
 
-    def _put_whole(self, key: str, full: str, source: BinaryIO) -> tuple[TransferredFile, str]:
+    def _put_whole(self, key: str, full: str, source: BinaryIO) -> _Upload:
         body = source.read()
         digest = hashlib.sha256(body).digest()
         crashpoints.reached("mid-upload")
         self._throttle(len(body), time.monotonic())
         checksum = _base64(digest)
-        self._sending(key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ChecksumSHA256=checksum))
-        return TransferredFile(digest.hex(), len(body)), checksum
+        response = self._sending(key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ChecksumSHA256=checksum))
+        return _Upload(TransferredFile(digest.hex(), len(body)), checksum, response.get("ChecksumSHA256"))
 
-    def _put_in_parts(self, key: str, full: str, source: BinaryIO, size: int) -> tuple[TransferredFile, str]:
+    def _put_in_parts(self, key: str, full: str, source: BinaryIO, size: int) -> _Upload:
         """A multipart upload that reads the file once: each part is hashed into the file's SHA-256 as it is read,
         then sent with its own SHA-256, which the server checks before it accepts the part."""
         from s3transfer.utils import ChunksizeAdjuster
@@ -351,13 +370,15 @@ class S3Store:
                     self._throttle(moved, started)
                 parts = [future.result() for future in sent]
             listing = [part for part, _ in parts]
-            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": listing})
+            completed = self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": listing}
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             raise
         composite = hashlib.sha256(b"".join(digest for _, digest in parts)).digest()
-        return TransferredFile(whole.hexdigest(), moved), f"{_base64(composite)}-{len(parts)}"
+        return _Upload(TransferredFile(whole.hexdigest(), moved), f"{_base64(composite)}-{len(parts)}", completed.get("ChecksumSHA256"))
 
     def _put_part(self, key: str, full: str, upload_id: str, number: int, body: bytes) -> tuple[dict[str, Any], bytes]:
         digest = hashlib.sha256(body).digest()
