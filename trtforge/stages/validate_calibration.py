@@ -32,7 +32,7 @@ from trtforge.errors import CalibrationError
 from trtforge.evalset import eval_limits, load_eval_set
 from trtforge.groundtruth import DetectionTruth, coco_class_names, load_detection_truth
 from trtforge.safeio import atomic_directory, atomic_write_json, load_arrays
-from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec, Task
+from trtforge.spec import CalibrationSpec, InputSpec, ModelSpec, Preprocessing, Task
 
 STAGE = "calibration"
 RESULT_FILE = "calibration_validation.json"
@@ -281,10 +281,9 @@ def sample_table(spec: ModelSpec, cal: CalibrationSpec, calibration: Calibration
         columns[CLASS_COUNT_COLUMN] = padded([per_class[label] for label in labels.tolist()])
     if coverage is not None:
         for index in range(len(coverage.classes)):
+            objects = [int(np.sum(labels == index)) for labels in coverage.calibration.labels]
             # An unreadable image adds no objects.
-            columns[f"{OBJECTS_PREFIX}{index}"] = [int(np.sum(labels == index)) for labels in coverage.calibration.labels] + [
-                0
-            ] * unreadable
+            columns[f"{OBJECTS_PREFIX}{index}"] = objects + [0] * unreadable
     return pd.DataFrame(columns)
 
 
@@ -496,7 +495,7 @@ def _add_input_checks(
 ) -> None:
     name = input_spec.name
     rank = len(input_spec.shape)
-    shape_text = "[" + ", ".join(str(d) for d in input_spec.shape) + "]"
+    shape_text = _shape_text(input_spec)
     array_shape = calibration.arrays[name].shape
     layout_mistake = _layout_mistake(input_spec, cal, calibration, array_shape)
     size_mistake = None if layout_mistake else _image_size_mistake(input_spec, cal, calibration, array_shape)
@@ -511,7 +510,8 @@ def _add_input_checks(
         column=f"{name}.ndim",
         value_set=[rank],
     )
-    spatial = _spatial_axes(input_spec)
+    channels = _model_channel_axis(input_spec)
+    spatial = _spatial_axes(channels) if channels is not None else ()
     for dim in range(1, rank):
         declared = input_spec.shape[dim]
         if isinstance(declared, int):
@@ -661,11 +661,20 @@ def _model_channel_axis(input_spec: InputSpec) -> int | None:
     return None
 
 
-def _spatial_axes(input_spec: InputSpec) -> tuple[int, int] | tuple[()]:
-    axis = _model_channel_axis(input_spec)
-    if axis is None:
-        return ()
-    return (2, 3) if axis == 1 else (1, 2)
+def _spatial_axes(channel_axis: int) -> tuple[int, int]:
+    """Height and width axes of an image batch whose channels are on ``channel_axis`` (1: NCHW, 3: NHWC)."""
+    return (2, 3) if channel_axis == 1 else (1, 2)
+
+
+def _fits(input_spec: InputSpec, axis: int, size: int) -> bool:
+    declared = input_spec.shape[axis]
+    if isinstance(declared, int):
+        return declared == size
+    return input_spec.dynamic[declared].min <= size <= input_spec.dynamic[declared].max
+
+
+def _shape_text(input_spec: InputSpec) -> str:
+    return "[" + ", ".join(str(d) for d in input_spec.shape) + "]"
 
 
 def _layout_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration: CalibrationSet, shape: tuple[int, ...]) -> str | None:
@@ -673,36 +682,22 @@ def _layout_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration: Ca
     axis = _model_channel_axis(input_spec)
     if axis is None or len(shape) != 4:
         return None
-    channels = input_spec.shape[axis]
-    other = 4 - axis
+    channels, other = input_spec.shape[axis], 4 - axis
     if shape[axis] == channels or shape[other] != channels:
         return None
-    opt = input_spec.shape_at("opt")
-    height, width = (opt[2], opt[3]) if axis == 1 else (opt[1], opt[2])
-    spatial = (shape[1], shape[2]) if axis == 1 else (shape[2], shape[3])
-    if not all(isinstance(d, str) or d == s for d, s in zip(_spatial_dims(input_spec, axis), spatial)):
+    model_hw, set_hw = _spatial_axes(axis), _spatial_axes(other)
+    if not all(_fits(input_spec, m, shape[s]) for m, s in zip(model_hw, set_hw)):
         return None
     want, have = ("NCHW", "NHWC") if axis == 1 else ("NHWC", "NCHW")
-    name = input_spec.name
-    found = f"'{name}' is laid out {have} {tuple(shape)} where the model takes {want} {tuple(shape[:1]) + _permuted(shape, axis)}"
-    if calibration.from_images:
-        return (
-            f"{found} (shape [{', '.join(str(d) for d in input_spec.shape)}]): calibration.preprocessing.layout is "
-            f"{(cal.preprocessing.layout if cal.preprocessing else 'NCHW')}, set it to {want}"
-        )
-    transpose = "(0, 3, 1, 2)" if axis == 1 else "(0, 2, 3, 1)"
-    return (
-        f"{found} (the spec's shape [{', '.join(str(d) for d in input_spec.shape)}], {height}x{width} images with "
-        f"{channels} channel(s)): transpose the set (array.transpose{transpose}) before saving calibration.data"
+    order = (0, 3, 1, 2) if axis == 1 else (0, 2, 3, 1)
+    found = (
+        f"'{input_spec.name}' is laid out {have} {tuple(shape)} where the model takes {want} "
+        f"{tuple(shape[i] for i in order)} (shape {_shape_text(input_spec)})"
     )
-
-
-def _spatial_dims(input_spec: InputSpec, axis: int) -> tuple[int | str, int | str]:
-    return (input_spec.shape[2], input_spec.shape[3]) if axis == 1 else (input_spec.shape[1], input_spec.shape[2])
-
-
-def _permuted(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    return (shape[3], shape[1], shape[2]) if axis == 1 else (shape[2], shape[3], shape[1])
+    if calibration.from_images:
+        layout = cal.preprocessing.layout if cal.preprocessing else "NCHW"
+        return f"{found}: calibration.preprocessing.layout is {layout}, set it to {want}"
+    return f"{found}: transpose the set (array.transpose{order}) before saving calibration.data"
 
 
 def _image_size_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration: CalibrationSet, shape: tuple[int, ...]) -> str | None:
@@ -710,23 +705,19 @@ def _image_size_mistake(input_spec: InputSpec, cal: CalibrationSpec, calibration
     axis = _model_channel_axis(input_spec)
     if not calibration.from_images or axis is None or len(shape) != 4:
         return None
-    heights_widths = _spatial_dims(input_spec, axis)
-    image = (shape[2], shape[3]) if axis == 1 else (shape[1], shape[2])
-    fits = [
-        d == s if isinstance(d, int) else input_spec.dynamic[d].min <= s <= input_spec.dynamic[d].max for d, s in zip(heights_widths, image)
-    ]
-    if all(fits):
+    spatial = _spatial_axes(axis)
+    if all(_fits(input_spec, a, shape[a]) for a in spatial):
         return None
     opt = input_spec.shape_at("opt")
-    model = (opt[2], opt[3]) if axis == 1 else (opt[1], opt[2])
+    (height, width), (model_height, model_width) = (shape[a] for a in spatial), (opt[a] for a in spatial)
     resize = cal.preprocessing.resize if cal.preprocessing else None
     if resize is None:
-        cause = f"the images are {image[0]}x{image[1]} (height x width) and calibration.preprocessing.resize is unset"
+        cause = f"the images are {height}x{width} (height x width) and calibration.preprocessing.resize is unset"
     else:
-        cause = f"calibration.preprocessing.resize [{resize[0]}, {resize[1]}] makes the images {image[0]}x{image[1]} (height x width)"
+        cause = f"calibration.preprocessing.resize [{resize[0]}, {resize[1]}] makes the images {height}x{width} (height x width)"
     return (
-        f"{cause}, but input '{input_spec.name}' takes {model[0]}x{model[1]} (shape [{', '.join(str(d) for d in input_spec.shape)}]): "
-        f"set calibration.preprocessing.resize to [{model[0]}, {model[1]}]"
+        f"{cause}, but input '{input_spec.name}' takes {model_height}x{model_width} (shape {_shape_text(input_spec)}): "
+        f"set calibration.preprocessing.resize to [{model_height}, {model_width}]"
     )
 
 
@@ -741,7 +732,8 @@ def _scale_mistake(name: str, cal: CalibrationSpec, calibration: CalibrationSet,
     def found(factor: str) -> str:
         return f"'{name}' spreads about {factor} the eval set's (mean per-sample std per channel {figures})"
 
-    prep = cal.preprocessing if calibration.from_images else None
+    # Images are read with the spec's preprocessing or its defaults; arrays come ready-made.
+    prep = (cal.preprocessing or Preprocessing()) if calibration.from_images else None
     if all(abs(math.log(r / EIGHT_BIT_MAX)) < math.log(UNITS_SLACK) for r in ratios):
         spread = found(f"{statistics.median(ratios):.0f}x")
         if prep is not None and prep.scale * EIGHT_BIT_MAX > UNITS_SLACK:
