@@ -362,6 +362,43 @@ def test_mean_std_in_8_bit_units_with_scale_1_255_is_named_in_one_line(normalize
     assert drift.details.endswith("give them in 0-1 units (mean: [0.5], std: [0.25])")
 
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def test_rgb_mean_std_in_8_bit_units_is_one_line_where_great_expectations_fails_every_channel(tmp_path):
+    shapes_dir = REPO / "examples" / "shapes-detector"
+    sys.path.insert(0, str(shapes_dir))
+    try:
+        import detector_data
+    finally:
+        sys.path.remove(str(shapes_dir))
+    detector_data.write_data()
+    mean, std = np.array(IMAGENET_MEAN)[:, None, None], np.array(IMAGENET_STD)[:, None, None]
+    with np.load(detector_data.DATA / "eval.npz") as archive:
+        np.savez(tmp_path / "eval.npz", images=((archive["images"] - mean) / std).astype(np.float32), image_ids=archive["image_ids"])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, scene in enumerate(detector_data.load_split("calibration")):
+        pixels = np.clip(np.rint(scene.image.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="RGB").save(folder / f"{index:04d}.png")
+    shapes = load_spec(shapes_dir / "spec.yaml")
+    shapes = shapes.model_copy(update={"eval": shapes.eval.model_copy(update={"data": tmp_path / "eval.npz"})})
+
+    def read_with(mean: list[float], std: list[float]) -> ModelSpec:
+        return with_calibration(shapes, data=folder, expected_range=None, preprocessing=Preprocessing(mean=mean, std=std))
+
+    assert validate_calibration(read_with(IMAGENET_MEAN, IMAGENET_STD)).passed
+    in_8_bit = [round(m * 255, 3) for m in IMAGENET_MEAN], [round(s * 255, 3) for s in IMAGENET_STD]
+    report = validate_calibration(read_with(*in_8_bit), out_dir=tmp_path / "out")
+
+    result = json.loads(report.result_json.read_text())
+    failed_checks = [r for r in result["results"] if not r["success"] and r["expectation_config"]["type"] == MEAN_BETWEEN]
+    assert len(failed_checks) >= 6
+    [drift] = drift_failures(report)
+    assert f"calibration.preprocessing.mean {in_8_bit[0]} and std {in_8_bit[1]} are in 0-255 units" in drift.details
+    assert drift.details.endswith(f"give them in 0-1 units (mean: {IMAGENET_MEAN}, std: {IMAGENET_STD})")
+
+
 def test_missing_scale_is_named_in_one_line(normalized_digits_spec, png_folder):
     report = validate_calibration(normalized_images(normalized_digits_spec, png_folder, scale=1.0, mean=[0.5], std=[0.25]))
 
