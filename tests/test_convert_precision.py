@@ -453,6 +453,6 @@ def test_entropy_calibrations_histogram_failure_suggests_max_calibration(digits_
     from trtforge.stages.convert_precision import _describe_failure
 
     numpy_error = ValueError("Too many bins for data range. Cannot create 128 finite-sized bins.")
-    message = _describe_failure(numpy_error, str(digits_onnx), "int8", [])
+    message = _describe_failure(numpy_error, str(digits_onnx), "int8", [], "modelopt")
     assert message.startswith("ModelOpt could not convert the model to int8: ValueError: Too many bins for data range")
     assert message.endswith("set precision.calibration_method: max in the spec, or add calibration samples that vary more")
