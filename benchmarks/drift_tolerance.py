@@ -16,9 +16,11 @@ std over channels and both statistics) on real photographs:
   for RGB, BGR, a wrong or missing mean/std, an HWC buffer reshaped to CHW).
 
 Every preprocessing goes through the loader's own ``trtforge.calibration.preprocess_image`` and
-every statistic through the validator's ``sample_statistics``, ``input_reference`` and
-``drift_offsets``. It prints, per case, the smallest and largest statistic over the splits and
-the smallest as a ratio of the honest largest, then which cases a tolerance catches.
+every statistic through the validator's ``sample_statistics``, ``reference_of`` and
+``drift_offsets``. It prints, per case, the smallest and largest statistic over the splits, the
+smallest as a ratio of the honest largest (the baseline of the run), the same for the spread
+factor (a channel's mean per-sample std over the eval set's, either way), and how many pairs the
+tolerance (default: the spec's) and the validator's 16x spread check refuse.
 
     python benchmarks/drift_tolerance.py [--size 96] [--crops 48] [--tolerance T] [--json]
 """
