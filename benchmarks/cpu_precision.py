@@ -1,11 +1,14 @@
-"""What precision conversion buys and costs on onnxruntime CPU: latency and accuracy per precision.
+"""What graph optimization and precision conversion buy and cost on onnxruntime CPU: latency and accuracy.
 
 For the digits CNN (trained from the example spec) and torchvision ResNet-18 (random weights),
 converts to fp16 and int8 with the convert-precision stage, builds each with the onnxruntime
-backend, and prints the median latency at batch 1 and 32 as a ratio to fp32 measured in the
-same run, with the accuracy of each precision: digits top-1 on its eval set; for ResNet-18,
-whose random weights have no task accuracy, top-1 agreement with fp32 and mean cosine
-similarity of the logits on random images.
+backend, and measures, at batch 1 and 32, fp32 at ORT_ENABLE_EXTENDED (the level engines are
+saved at) and at ORT_ENABLE_ALL (the baseline: fp32 at full speed), fp16, int8 quantized by
+ModelOpt (its Q/DQ placement for TensorRT) and int8 quantized by onnxruntime's own quantizer
+(what onnxruntime targets get), each at the level its build probed safe. It prints the median
+latency, the speed-up over the baseline measured in the same run, and the accuracy: digits top-1
+on its eval set; for ResNet-18, whose random weights have no task accuracy, top-1 agreement with
+fp32 and mean cosine similarity of the logits on random images.
 
     python benchmarks/cpu_precision.py [--models digits resnet18] [--min-seconds 1.0]
 """
@@ -26,16 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from trtforge.backends.base import get_backend
-from trtforge.backends.onnxruntime import OnnxRuntimeTarget
+from trtforge.backends.onnxruntime import FAST_OPTIMIZATION_LEVEL, OnnxRuntimeRunner, OnnxRuntimeTarget
+from trtforge.numeric import PORTABLE_OPTIMIZATION_LEVEL
 from trtforge.spec import ModelSpec, Precision, load_spec, parse_spec
 from trtforge.stages.checkpoint import ensure_checkpoint
-from trtforge.stages.convert_precision import convert_precision
+from trtforge.stages.convert_precision import Quantizer, convert_precision, onnxruntime_int8_settings
 from trtforge.stages.export import export_onnx
 from trtforge.stages.simplify import simplify_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = REPO / "examples" / "digits" / "spec.yaml"
-PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 BATCHES = (1, 32)
 DIGITS_CALIBRATION_SAMPLES = 320
 RESNET_CALIBRATION_SAMPLES = 32
@@ -53,12 +56,33 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way to run the model: its precision, who quantized it, and the level its session opens at (None: the build's choice)."""
+
+    label: str
+    precision: Precision
+    quantizer: Quantizer
+    level: str | None
+
+
+BASELINE = "fp32 ALL"
+VARIANTS = (
+    Variant("fp32 EXTENDED", Precision.FP32, Quantizer.MODELOPT, PORTABLE_OPTIMIZATION_LEVEL),
+    Variant(BASELINE, Precision.FP32, Quantizer.MODELOPT, FAST_OPTIMIZATION_LEVEL),
+    Variant("fp16", Precision.FP16, Quantizer.MODELOPT, None),
+    Variant("int8 ModelOpt", Precision.INT8, Quantizer.MODELOPT, None),
+    Variant("int8 onnxruntime", Precision.INT8, Quantizer.ONNXRUNTIME, None),
+)
+
+
+@dataclass(frozen=True)
 class Row:
     model: str
-    precision: str
+    variant: str
+    level: str
     batch: int
     latency_ms: float
-    ratio: float
+    speedup: float
     accuracy: str
 
 
@@ -114,19 +138,19 @@ def resnet18_workload(work: Path) -> Workload:
 
 
 def median_latencies_ms(
-    runners: dict[Precision, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3
-) -> dict[Precision, float]:
-    """Runs the precisions in turn, round after round, so load from other processes falls on all of them alike."""
+    runners: dict[str, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3
+) -> dict[str, float]:
+    """Runs the variants in turn, round after round, so load from other processes falls on all of them alike."""
     for runner in runners.values():
         runner.run(feeds)  # the first run allocates and picks kernels
-    times: dict[Precision, list[float]] = {precision: [] for precision in runners}
+    times: dict[str, list[float]] = {label: [] for label in runners}
     started = time.perf_counter()
-    while len(times[Precision.FP32]) < min_rounds or time.perf_counter() - started < min_seconds * len(runners):
-        for precision, runner in runners.items():
+    while len(times[BASELINE]) < min_rounds or time.perf_counter() - started < min_seconds * len(runners):
+        for label, runner in runners.items():
             tick = time.perf_counter()
             runner.run(feeds)
-            times[precision].append(time.perf_counter() - tick)
-    return {precision: statistics.median(samples) * 1000 for precision, samples in times.items()}
+            times[label].append(time.perf_counter() - tick)
+    return {label: statistics.median(samples) * 1000 for label, samples in times.items()}
 
 
 def run_all(runner, images: np.ndarray, batch: int) -> np.ndarray:
@@ -135,39 +159,45 @@ def run_all(runner, images: np.ndarray, batch: int) -> np.ndarray:
 
 def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
     backend = get_backend("onnxruntime")
-    outputs: dict[Precision, np.ndarray] = {}
+    outputs: dict[str, np.ndarray] = {}
     runners = {}
-    for precision in PRECISIONS:
+    for variant in VARIANTS:
         converted = convert_precision(
             workload.onnx_path,
-            precision,
+            variant.precision,
             workload.calibration,
             workload.spec.precision,
             spec=workload.spec,
             cache_dir=work / "precision-cache",
+            quantizer=variant.quantizer,
         )
-        target = OnnxRuntimeTarget(precision=precision)
-        built = backend.build(converted.onnx_path, target, workload.spec, work / workload.name / f"engine-{precision.value}")
-        runners[precision] = backend.load_runner(built.engine_path)
-        outputs[precision] = run_all(runners[precision], workload.probe, max(BATCHES))
+        target = OnnxRuntimeTarget(precision=variant.precision)
+        folder = work / workload.name / f"engine-{variant.precision.value}-{converted.quantizer or 'none'}"
+        built = backend.build(converted.onnx_path, target, workload.spec, folder)
+        if variant.level is None:
+            runners[variant.label] = backend.load_runner(built.engine_path)
+        else:
+            runners[variant.label] = OnnxRuntimeRunner(built.engine_path, variant.level)
+        outputs[variant.label] = run_all(runners[variant.label], workload.probe, max(BATCHES))
     latencies = {}
     for batch in BATCHES:
-        for precision, latency in median_latencies_ms(runners, {"input": workload.probe[:batch]}, min_seconds).items():
-            latencies[precision, batch] = latency
+        for label, latency in median_latencies_ms(runners, {"input": workload.probe[:batch]}, min_seconds).items():
+            latencies[label, batch] = latency
 
     rows = []
-    for precision in PRECISIONS:
-        logits = outputs[precision]
+    for variant in VARIANTS:
+        logits = outputs[variant.label]
         if workload.labels is not None:
             accuracy = f"top-1 {100 * np.mean(logits.argmax(1) == workload.labels):.2f}%"
         else:
-            reference = outputs[Precision.FP32]
+            reference = outputs[BASELINE]
             agreement = np.mean(logits.argmax(1) == reference.argmax(1))
             cosine = np.mean((logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1)))
             accuracy = f"agreement {100 * agreement:.1f}%, cosine {cosine:.5f}"
+        level = runners[variant.label].optimization_level.removeprefix("ORT_ENABLE_")
         for batch in BATCHES:
-            latency = latencies[precision, batch]
-            rows.append(Row(workload.name, precision.value, batch, latency, latency / latencies[Precision.FP32, batch], accuracy))
+            latency = latencies[variant.label, batch]
+            rows.append(Row(workload.name, variant.label, level, batch, latency, latencies[BASELINE, batch] / latency, accuracy))
     return rows
 
 
@@ -187,12 +217,19 @@ def main() -> None:
         for name in args.models:
             rows += benchmark(builders[name](work), work, args.min_seconds)
 
-    print(f"onnxruntime {onnxruntime.__version__} CPU, {os.cpu_count()} logical CPUs; median latency, ratio to fp32 in this run")
-    header = f"{'model':<10} {'precision':<9} {'batch':>5} {'latency ms':>11} {'vs fp32':>8}  accuracy"
+    settings = onnxruntime_int8_settings()
+    print(
+        f"onnxruntime {onnxruntime.__version__} CPU, {os.cpu_count()} logical CPUs, {settings['cpu']} (onnxruntime's int8: "
+        f"{settings['activation_type']} activations, reduce_range {settings['reduce_range']}); median latency, "
+        f"speed-up over {BASELINE} in this run"
+    )
+    header = f"{'model':<10} {'variant':<17} {'level':<9} {'batch':>5} {'latency ms':>11} {'speed-up':>9}  accuracy"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row.model:<10} {row.precision:<9} {row.batch:>5} {row.latency_ms:>11.3f} {row.ratio:>7.2f}x  {row.accuracy}")
+        print(
+            f"{row.model:<10} {row.variant:<17} {row.level:<9} {row.batch:>5} {row.latency_ms:>11.3f} {row.speedup:>8.2f}x  {row.accuracy}"
+        )
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ class OnnxRuntimeBackend:
             "max_abs_diff_vs_saved_level": max_abs_diff,
         }
 
+    # What the probe's child runs: a module-level function (the child is spawned), named here so a subclass can check otherwise.
     fast_level_check = staticmethod(run_at_fast_level)
 
     def load_runner(self, engine_path: Path) -> OnnxRuntimeRunner:
