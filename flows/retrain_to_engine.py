@@ -25,6 +25,7 @@ from trtforge.tasks.remote_build import build_on_worker_task, deployment_problem
 from trtforge.tasks.sensitivity import sensitivity_task
 from trtforge.tasks.simplify import simplify_task
 from trtforge.tasks.stage import run_step
+from trtforge.tasks.time_engine import time_engine_task
 from trtforge.tasks.validate_calibration import validate_calibration_task
 
 from trtforge.backends.base import get_backend, target_tag
@@ -248,9 +249,12 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             work_dir=work_dir / (tag if route.kind is RouteKind.LOCAL else f"remote-{index}"),
             previous=previous_release(store, spec.name, tag, spec.compare_alias),
             registry=uri,
+            # Timed here once every conversion and build of the run is over; a GPU worker times its own.
+            time_engine=route.kind is not RouteKind.LOCAL,
         )
         pending.append((target, tag, route, request, _submit(route, request, spec.name, run_id)))
     ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id)
+    built_here: list[tuple[Target, int]] = []
     for target, tag, route, request, future in pending:
         try:
             outcome = future.result()
@@ -261,11 +265,16 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
         if target.precision.needs_calibration and outcome.status is TargetStatus.FAILED and outcome.failures:
             outcome = ladder.climb(target, route, request, outcome)
         outcomes.append(outcome)
-    summary.targets = outcomes
-    apply_speedup_gates(spec, outcomes)
+        if route.kind is RouteKind.LOCAL:
+            built_here.append((target, len(outcomes) - 1))
     summary.stages.append(
         StageTiming(stage=Stage.BUILD, seconds=time.perf_counter() - started, detail=f"{len(pending)} target(s) converted, built and gated")
     )
+    # Nothing else of the run executes now: each engine built here is timed alone, one after another.
+    for target, position in built_here:
+        outcomes[position] = _time_alone(spec, target, outcomes[position], summary)
+    summary.targets = outcomes
+    apply_speedup_gates(spec, outcomes)
 
     required_failures = summary.required_failures()
     passed = [o for o in outcomes if o.status is TargetStatus.PASSED]
@@ -301,6 +310,16 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
         outcome.location = f"{uri.rstrip('/')}/{spec.name}/versions/{version}/{outcome.tag}/engine"
     summary.version, summary.published, summary.passed = version, True, True
     summary.message = f"published version {version}"
+
+
+def _time_alone(spec: ModelSpec, target: Target, outcome: TargetOutcome, summary: RunSummary) -> TargetOutcome:
+    if "engine" not in outcome.files:
+        return outcome
+    try:
+        return run_step(summary, time_engine_task, spec, target, outcome)
+    except TrtforgeError as err:
+        get_run_logger().warning("target %s: timing failed: %s", outcome.tag, err)
+        return outcome.model_copy(update={"status": TargetStatus.FAILED, "reason": _stage_failure(err, Stage.TIME)})
 
 
 def _submit(route: Route, request: BuildRequest, model: str, run_id: str):

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# A Prefect home for each test process (each xdist worker): the CLI runs in the tests start
+# ephemeral servers on its database, and two processes migrating one sqlite file lock each other.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="trtforge-tests-prefect-home-")
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_DIR = REPO / "examples" / "digits"

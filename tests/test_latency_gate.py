@@ -164,6 +164,14 @@ def test_latency_and_throughput_at_the_opt_and_max_batch_are_recorded_with_runs_
     assert metrics["latency_spread"] >= 0 and metrics["max_batch_spread"] >= 0
 
 
+def test_a_spread_above_ten_percent_is_named_as_a_noisy_figure():
+    assert gate.noisy_timing_notes({"latency_spread": 0.04, "max_batch_spread": 0.1}) == []
+    assert gate.noisy_timing_notes({"latency_spread": 0.25, "max_batch_spread": 0.11}) == [
+        "latency spread 25% (p10 to p90 over the median) is above 10%: the figure is noisy",
+        "max-batch time spread 11% (p10 to p90 over the median) is above 10%: the figure is noisy",
+    ]
+
+
 class SlowRunner:
     """400 ms a call by its own clock, without taking them: the max batch gets the fewest runs, not 50."""
 
@@ -196,9 +204,17 @@ def test_a_run_whose_fp16_target_is_not_1000x_as_fast_as_fp32_leaves_it_out_and_
         fp16.reason,
     ), fp16.reason
     assert (fp32.metrics["opt_batch"], fp32.metrics["max_batch"]) == (32, 128)
+    # Both engines were timed alone, each after every target had been built and gated.
+    stages = [s.stage.value for s in summary.stages]
+    assert stages[stages.index("build") :].count("time") == 2 and "time" not in stages[: stages.index("build")]
+    assert [s.detail.split()[0] for s in summary.stages if s.stage.value == "time"] == [fp32.tag, fp16.tag]
 
     manifest = open_registry(f"file://{tmp_path / 'registry'}").manifest("digits-cnn", 1)
     assert set(manifest.targets) == {fp32.tag}
+    timing = manifest.targets[fp32.tag].record["timing"]
+    assert timing["alone"] is True and timing["cpu_threads"] >= 1 and timing["cpu_model"]
+    gated = json.loads((tmp_path / "registry" / "digits-cnn" / "versions" / "1" / fp32.tag / "gate.json").read_text())
+    assert gated["metrics"]["latency_ms_median"] == fp32.metrics["latency_ms_median"]
     assert [entry["tag"] for entry in manifest.extra["left_out"]] == [fp16.tag]
     cpu = manifest.fastest["cpu"]
     assert (cpu.latency, cpu.throughput, cpu.latency_ms) == (fp32.tag, fp32.tag, fp32.metrics["latency_ms_median"])

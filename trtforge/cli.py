@@ -90,11 +90,17 @@ def _quiet_console_tracebacks() -> None:
             handler.setFormatter(_NoUserErrorTraceback(handler.formatter))
 
 
-def _pipeline_flow(module: str, name: str, command: str):
-    """A flow of the pipeline extra; with the core install, one line saying what to install."""
+def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = True):
+    """A flow of the pipeline extra; with the core install, one line saying what to install.
+
+    ``runs_here``: the flow will run in this process, so the ephemeral API server (when no
+    PREFECT_API_URL is set) is started while the flow's modules import, not after.
+    """
     import importlib
 
+    api_start = None
     try:
+        api_start = _start_ephemeral_api() if runs_here else None
         flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
     except ModuleNotFoundError as err:
         missing = (err.name or "").split(".")[0]
@@ -103,8 +109,35 @@ def _pipeline_flow(module: str, name: str, command: str):
         raise TrtforgeError(
             f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
         ) from None
+    finally:
+        if api_start is not None:
+            api_start.join()
     _quiet_console_tracebacks()
     return flow
+
+
+def _start_ephemeral_api():
+    """Prefect's temporary API server, started on a thread (its subprocess boots on another core), or None
+    where an API is configured. The flow's client then finds it running: Prefect keeps one per port and
+    shares the default. A failed start is left to the client's own start, which reports it."""
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    # As Prefect's client decides: a temporary server wherever no API is configured.
+    if PREFECT_API_URL.value():
+        return None
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # the client's own start raises it again, where the user sees it
+            return
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def _already_published(spec, checkpoint: Path, registry: str | None):
@@ -240,7 +273,7 @@ def ci_command(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if deployment is not None:
-        run_on_deployment = _pipeline_flow("watch", "run_on_deployment", "ci")
+        run_on_deployment = _pipeline_flow("watch", "run_on_deployment", "ci", runs_here=False)
         summary = run_on_deployment(
             deployment,
             str(spec),

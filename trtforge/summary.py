@@ -126,6 +126,7 @@ class RunSummary(BaseModel):
                 }
                 for t in self.targets
             ],
+            "stages": [{"stage": s.stage.value, "seconds": round(s.seconds, 3), "cached": s.cached} for s in self.stages],
         }
 
     def required_failures(self) -> list[TargetOutcome]:

@@ -9,6 +9,7 @@ both other splits). The files are git-ignored: this script makes the same bytes 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,20 @@ def write_data(folder: Path = DATA) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "instances.json").is_file():
         scenes = load_split("eval")
-        np.savez(folder / "eval.npz", images=np.stack([s.image for s in scenes]), image_ids=np.arange(1, len(scenes) + 1))
-        np.savez(folder / "calibration.npz", images=np.stack([s.image for s in load_split("calibration")]))
-        partial = folder / "instances.json.partial"
-        partial.write_text(json.dumps(coco_annotations(scenes)))
-        partial.replace(folder / "instances.json")
+        # Each file whole or absent: two processes may make the data at once (the tests run in parallel).
+        _write_atomically(
+            folder / "eval.npz", lambda f: np.savez(f, images=np.stack([s.image for s in scenes]), image_ids=np.arange(1, len(scenes) + 1))
+        )
+        _write_atomically(folder / "calibration.npz", lambda f: np.savez(f, images=np.stack([s.image for s in load_split("calibration")])))
+        _write_atomically(folder / "instances.json", lambda f: f.write(json.dumps(coco_annotations(scenes)).encode()))
     return folder
+
+
+def _write_atomically(path: Path, write) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with partial.open("wb") as handle:
+        write(handle)
+    partial.replace(path)
 
 
 if __name__ == "__main__":

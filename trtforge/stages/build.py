@@ -12,7 +12,17 @@ from trtforge.isolation import run_isolated
 from trtforge.registry import open_registry
 from trtforge.safeio import atomic_write_bytes, atomic_write_json
 from trtforge.spec import ModelSpec, Target, load_spec
-from trtforge.stages.gate import PreviousRelease, gate_target
+from trtforge.stages.gate import (
+    GateResult,
+    PreviousRelease,
+    effective_thresholds,
+    gate_target,
+    latency_failures,
+    max_batch,
+    measure_latency,
+    noisy_timing_notes,
+    timing_conditions,
+)
 from trtforge.stages.reference import ReferenceResult, load_reference
 from trtforge.summary import TargetOutcome, TargetStatus
 
@@ -30,7 +40,9 @@ def build_and_gate(
     work_dir: Path,
     previous: PreviousRelease | None = None,
     options: BuildOptions | None = None,
+    timed: bool = True,
 ) -> TargetOutcome:
+    """``timed``: time the engine in its gate; False leaves that to ``time_alone`` once nothing else runs."""
     backend = get_backend(target.backend)
     built = run_isolated(
         "build",
@@ -45,11 +57,12 @@ def build_and_gate(
     )
     runner = backend.load_runner(built.engine_path)
     try:
-        result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous)
+        result = gate_target(spec, target, built.tag, runner, load_eval_set(spec), load_reference(reference), previous, timed=timed)
     finally:
         runner.close()
     gate_json = work_dir / "gate.json"
     atomic_write_json(gate_json, result.model_dump(mode="json"))
+    record = {**built.record, "timing": timing_conditions() | {"alone": False}} if timed else built.record
     return TargetOutcome(
         tag=built.tag,
         backend=target.backend,
@@ -61,8 +74,38 @@ def build_and_gate(
         thresholds=result.thresholds,
         failures=result.failures,
         notes=result.notes,
-        record=built.record,
+        record=record,
         files={"engine": built.engine_path, **built.extra_files, "gate.json": gate_json},
+    )
+
+
+def time_alone(spec: ModelSpec, target: Target, outcome: TargetOutcome) -> TargetOutcome:
+    """Latency and throughput of a target built and gated with ``timed=False``, measured now: the caller runs
+    this while nothing else of its run executes, one engine at a time, so no conversion or build shares the
+    cores. The latency thresholds are applied, and gate.json and the outcome updated."""
+    runner = get_backend(target.backend).load_runner(outcome.files["engine"])
+    try:
+        timing = measure_latency(spec, runner, load_eval_set(spec), max_batch(spec, target))
+    finally:
+        runner.close()
+    metrics = {**outcome.metrics, **timing}
+    failures = outcome.failures + latency_failures(metrics, effective_thresholds(spec, target))
+    notes = outcome.notes + noisy_timing_notes(metrics)
+    gate_json = outcome.files["gate.json"]
+    gated = GateResult.model_validate_json(gate_json.read_text())
+    atomic_write_json(
+        gate_json,
+        gated.model_copy(update={"metrics": metrics, "failures": failures, "notes": notes, "passed": not failures}).model_dump(mode="json"),
+    )
+    return outcome.model_copy(
+        update={
+            "status": TargetStatus.FAILED if failures else outcome.status,
+            "reason": "; ".join(failures),
+            "metrics": metrics,
+            "failures": failures,
+            "notes": notes,
+            "record": {**outcome.record, "timing": timing_conditions() | {"alone": True}},
+        }
     )
 
 
@@ -84,6 +127,8 @@ class BuildRequest(BaseModel):
     reference_sha256: str | None = None
     # The staged ONNX's external data files: location (relative to the model) -> sha256.
     onnx_external: dict[str, str] = {}
+    # False: the engine is gated untimed, and the caller times it afterwards, alone (``time_alone``).
+    time_engine: bool = True
 
 
 def build_requested(request: BuildRequest) -> TargetOutcome:
@@ -91,7 +136,9 @@ def build_requested(request: BuildRequest) -> TargetOutcome:
     spec = load_spec(request.spec_path)
     target = spec.targets[request.target_index]
     registry = open_registry(request.registry) if request.registry else None
-    return build_with_shared_timing_cache(registry, spec, target, request.onnx_path, request.reference, request.work_dir, request.previous)
+    return build_with_shared_timing_cache(
+        registry, spec, target, request.onnx_path, request.reference, request.work_dir, request.previous, timed=request.time_engine
+    )
 
 
 def build_with_shared_timing_cache(
@@ -102,17 +149,18 @@ def build_with_shared_timing_cache(
     reference: ReferenceResult,
     work_dir: Path,
     previous: PreviousRelease | None = None,
+    timed: bool = True,
 ) -> TargetOutcome:
     """``build_and_gate``, with the backend's shared timing cache (where it has one) fetched from the registry first and stored back after."""
     key = get_backend(target.backend).timing_cache_key(target)
     if key is None or registry is None:
-        return build_and_gate(spec, target, onnx_path, reference, work_dir, previous)
+        return build_and_gate(spec, target, onnx_path, reference, work_dir, previous, timed=timed)
     cache = work_dir / "timing.cache"
     work_dir.mkdir(parents=True, exist_ok=True)
     stored = registry.get_timing_cache(key)
     if stored is not None:
         atomic_write_bytes(cache, stored)
-    outcome = build_and_gate(spec, target, onnx_path, reference, work_dir, previous, BuildOptions(timing_cache=cache))
+    outcome = build_and_gate(spec, target, onnx_path, reference, work_dir, previous, BuildOptions(timing_cache=cache), timed=timed)
     if cache.is_file():
         registry.put_timing_cache(key, cache.read_bytes())
     return outcome

@@ -70,6 +70,9 @@ fails its accuracy.
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,6 +146,8 @@ MAX_BATCH_BUDGET_MS = 1000.0
 MAX_BATCH_MIN_RUNS = 5
 # Untimed calls before the max batch is timed: one, then two whose times size the timed runs.
 MAX_BATCH_WARMUP = 3
+# Above this (p90 - p10) / median the report flags a latency figure as noisy.
+NOISY_SPREAD = 0.10
 
 
 class PreviousRelease(BaseModel):
@@ -229,6 +234,35 @@ def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet, largest_b
         speed.THROUGHPUT_MAX: largest_batch * 1000 / median,
     }
     return metrics
+
+
+def noisy_timing_notes(metrics: dict[str, float]) -> list[str]:
+    """A spread above NOISY_SPREAD: the machine was not quiet while the engine was timed, and the median may be off."""
+    return [
+        f"{what} spread {metrics[key]:.0%} (p10 to p90 over the median) is above {NOISY_SPREAD:.0%}: the figure is noisy"
+        for key, what in (("latency_spread", "latency"), ("max_batch_spread", "max-batch time"))
+        if metrics.get(key, 0.0) > NOISY_SPREAD
+    ]
+
+
+def timing_conditions() -> dict[str, Any]:
+    """What a latency figure was measured on, recorded beside it: the CPU, the cores this process may use,
+    and the load average at the time (the GPU, for a GPU engine, is in its build record)."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_threads": len(os.sched_getaffinity(0)),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def latency_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
@@ -557,14 +591,19 @@ def gate_target(
     evalset: EvalSet,
     reference: Outputs,
     previous: PreviousRelease | None = None,
+    timed: bool = True,
 ) -> GateResult:
+    """``timed``: measure latency and throughput here too; False where the caller times the engine later, alone
+    (``time_engine``), so the figures are not taken while other targets convert and build."""
     outputs = run_eval(spec, runner, evalset)
     thresholds = effective_thresholds(spec, target)
     metrics = compute_metrics(spec, outputs, reference, evalset.labels, evalset.truth, _near_tie_margin(thresholds))
-    metrics.update(measure_latency(spec, runner, evalset, max_batch(spec, target)))
+    if timed:
+        metrics.update(measure_latency(spec, runner, evalset, max_batch(spec, target)))
     task_metric = task_metric_name(spec, metrics)
     failures, notes = evaluate_thresholds(metrics, thresholds, task_metric, previous)
     failures += latency_failures(metrics, thresholds)
+    notes += noisy_timing_notes(metrics)
     return GateResult(
         tag=tag,
         passed=not failures,

@@ -29,13 +29,14 @@ class Stage(str, Enum):
     CONVERT_PRECISION = "convert-precision"
     BUILD = "build"
     GATE = "gate"
+    TIME = "time"
     SENSITIVITY = "sensitivity"
     PUBLISH = "publish"
 
     @property
     def per_target(self) -> bool:
         """Stages that run once per target: their failure is that target's, not the run's."""
-        return self in (Stage.CONVERT_PRECISION, Stage.BUILD, Stage.GATE, Stage.SENSITIVITY)
+        return self in (Stage.CONVERT_PRECISION, Stage.BUILD, Stage.GATE, Stage.TIME, Stage.SENSITIVITY)
 
 
 # The top-level spec fields each cached stage reads, and so its cache key covers: a gate threshold
