@@ -438,6 +438,8 @@ def _convert(
             seconds=result.seconds,
             cached=result.cached,
             modelopt_version=result.modelopt_version,
+            quantizer=result.quantizer.value if result.quantizer else None,
+            quantizer_version=result.quantizer_version,
             excluded_nodes=excluded_nodes or [],
         )
     )

@@ -178,3 +178,6 @@ def test_the_manifest_records_the_quantizer_and_the_level(digits_checkpoint, tmp
     assert records["int8"]["quantizer"]["version"] == onnxruntime.__version__
     assert records["fp32"]["quantizer"] is None
     assert {r["graph_optimization_level"] for r in records.values()} == {"ORT_ENABLE_ALL"}
+    conversions = {c["precision"]: c for c in manifest.extra["conversions"]}
+    assert (conversions["int8"]["quantizer"], conversions["int8"]["quantizer_version"]) == ("onnxruntime", onnxruntime.__version__)
+    assert conversions["int8"]["modelopt_version"] is None

@@ -82,6 +82,9 @@ class ConversionSummary(BaseModel):
     seconds: float
     cached: bool
     modelopt_version: str | None = None
+    # What quantized or cast the graph (ModelOpt, or onnxruntime's quantizer for onnxruntime CPU int8); None for fp32.
+    quantizer: str | None = None
+    quantizer_version: str | None = None
     excluded_nodes: list[str] = []
 
 
