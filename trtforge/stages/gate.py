@@ -139,6 +139,10 @@ RESOLVED_DROPS = (("max_accuracy_drop", "accuracy"), ("max_map_drop", "map"), ("
 STAGE = "gate"
 LATENCY_WARMUP = 5
 LATENCY_ITERATIONS = 50
+# The opt shape is timed for about this long (never fewer than LATENCY_MIN_RUNS runs): ResNet-50 fp32 at
+# batch 8 takes ~0.4 s a call on two cores, so 50 runs alone were 20 s of a run; fast engines still get 50.
+LATENCY_BUDGET_MS = 3000.0
+LATENCY_MIN_RUNS = 10
 # The max batch is timed for about this long at most (never fewer than MAX_BATCH_MIN_RUNS runs): a big
 # model at its max batch can take a second a call on a CPU, and 50 such calls would make the timing the
 # slowest part of the gate; the digits CNN at batch 128 still gets all 50 runs in a few milliseconds.
@@ -207,7 +211,7 @@ def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet, largest_b
     figure its timed runs, warm-up calls and spread. Throughput is the batch over the median call time."""
     feeds = _tiled(spec, evalset, None)
     opt_batch = next(iter(feeds.values())).shape[0]
-    times = runner.time_ms(feeds, warmup=LATENCY_WARMUP, iterations=LATENCY_ITERATIONS)
+    times = _timed_within(runner, feeds, LATENCY_WARMUP, LATENCY_BUDGET_MS, LATENCY_MIN_RUNS)
     median = float(np.median(times))
     metrics = {
         "latency_ms_median": median,
@@ -221,9 +225,7 @@ def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet, largest_b
     if largest_batch is None or largest_batch == opt_batch:
         return metrics
     feeds = _tiled(spec, evalset, largest_batch)
-    probe = runner.time_ms(feeds, warmup=1, iterations=MAX_BATCH_WARMUP - 1)
-    runs = int(np.clip(MAX_BATCH_BUDGET_MS // max(float(np.median(probe)), 1e-3), MAX_BATCH_MIN_RUNS, LATENCY_ITERATIONS))
-    times = runner.time_ms(feeds, warmup=0, iterations=runs)
+    times = _timed_within(runner, feeds, MAX_BATCH_WARMUP, MAX_BATCH_BUDGET_MS, MAX_BATCH_MIN_RUNS)
     median = float(np.median(times))
     metrics |= {
         speed.MAX_BATCH: float(largest_batch),
@@ -234,6 +236,14 @@ def measure_latency(spec: ModelSpec, runner: Runner, evalset: EvalSet, largest_b
         speed.THROUGHPUT_MAX: largest_batch * 1000 / median,
     }
     return metrics
+
+
+def _timed_within(runner: Runner, feeds: dict[str, np.ndarray], untimed: int, budget_ms: float, min_runs: int) -> list[float]:
+    """``untimed`` calls, the last two of which size the timed runs: as many as fit in ``budget_ms``, within
+    [min_runs, LATENCY_ITERATIONS]."""
+    probe = runner.time_ms(feeds, warmup=untimed - 2, iterations=2)
+    runs = int(np.clip(budget_ms // max(float(np.median(probe)), 1e-3), min_runs, LATENCY_ITERATIONS))
+    return runner.time_ms(feeds, warmup=0, iterations=runs)
 
 
 def noisy_timing_notes(metrics: dict[str, float]) -> list[str]:
