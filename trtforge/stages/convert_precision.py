@@ -80,6 +80,10 @@ QUANTIZER_METADATA_KEY = "trtforge.quantizer"
 # CPU flags (Linux /proc/cpuinfo names) of the 8-bit dot-product instructions that accumulate without saturating.
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 ONNXRUNTIME_CALIBRATION_METHODS = {"entropy": "Entropy", "max": "MinMax"}
+# onnxruntime's quantizer quantizes every op it can by default, Concat and Sigmoid included. One scale on the
+# shapes detector's Concat of boxes (pixels) and class scores (0-1) cost 2.65 points of mAP; quantizing only the
+# compute ops (as ModelOpt does for TensorRT) cost 0.34, measured on the example's eval set.
+ONNXRUNTIME_QUANTIZED_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 
 
 class Quantizer(StrEnum):
@@ -412,7 +416,14 @@ def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     preprocessed = Path(source).with_name("preprocessed.onnx")
-    quant_pre_process(source, str(preprocessed))
+    try:
+        quant_pre_process(source, str(preprocessed))
+    except Exception as err:
+        # Symbolic shape inference gives up on some graphs (the shapes segmenter's Resize): onnx's own shape
+        # inference then still runs, and what it cannot infer stays unquantized rather than failing the target.
+        if "symbolic shape inference" not in str(err).lower():
+            raise
+        quant_pre_process(source, str(preprocessed), skip_symbolic_shape=True)
     nodes = onnx.load(str(preprocessed), load_external_data=False).graph.node
     excluded = [node.name for node in nodes if node.op_type in options.exclude_op_types]
     for pattern in options.exclude_nodes:
@@ -435,6 +446,7 @@ def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[
         activation_type=QuantType[settings["activation_type"]],
         weight_type=QuantType[settings["weight_type"]],
         nodes_to_exclude=sorted(set(excluded)) or None,
+        op_types_to_quantize=ONNXRUNTIME_QUANTIZED_OP_TYPES,
         calibrate_method=CalibrationMethod[ONNXRUNTIME_CALIBRATION_METHODS[options.calibration_method]],
         calibration_providers=["CPUExecutionProvider"],
     )
