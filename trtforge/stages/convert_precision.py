@@ -26,11 +26,13 @@ is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
 import re
 import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Mapping
@@ -415,15 +417,19 @@ def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    source = str(Path(source).resolve())
     preprocessed = Path(source).with_name("preprocessed.onnx")
-    try:
-        quant_pre_process(source, str(preprocessed))
-    except Exception as err:
-        # Symbolic shape inference gives up on some graphs (the shapes segmenter's Resize): onnx's own shape
-        # inference then still runs, and what it cannot infer stays unquantized rather than failing the target.
-        if "symbolic shape inference" not in str(err).lower():
-            raise
-        quant_pre_process(source, str(preprocessed), skip_symbolic_shape=True)
+    # Where symbolic shape inference gives up it saves its partial model into the working directory: a scratch
+    # folder (this runs in its own child process), not the user's.
+    with tempfile.TemporaryDirectory(prefix="trtforge-quant-") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(source, str(preprocessed))
+        except Exception as err:
+            # Symbolic shape inference gives up on some graphs (the shapes segmenter's Resize): onnx's own shape
+            # inference then still runs, and what it cannot infer stays unquantized rather than failing the target.
+            if "symbolic shape inference" not in str(err).lower():
+                raise
+            quant_pre_process(source, str(preprocessed), skip_symbolic_shape=True)
     nodes = onnx.load(str(preprocessed), load_external_data=False).graph.node
     excluded = [node.name for node in nodes if node.op_type in options.exclude_op_types]
     for pattern in options.exclude_nodes:
