@@ -100,7 +100,7 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
 
     api_start = None
     try:
-        api_start = _start_ephemeral_api() if runs_here else None
+        api_start = importlib.import_module("trtforge.flows.ephemeral_api").start_in_background() if runs_here else None
         flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
     except ModuleNotFoundError as err:
         missing = (err.name or "").split(".")[0]
@@ -114,30 +114,6 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
             api_start.join()
     _quiet_console_tracebacks()
     return flow
-
-
-def _start_ephemeral_api():
-    """Prefect's temporary API server, started on a thread (its subprocess boots on another core), or None
-    where an API is configured. The flow's client then finds it running: Prefect keeps one per port and
-    shares the default. A failed start is left to the client's own start, which reports it."""
-    import threading
-
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
-
-    # As Prefect's client decides: a temporary server wherever no API is configured.
-    if PREFECT_API_URL.value():
-        return None
-
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except Exception:  # the client's own start raises it again, where the user sees it
-            return
-
-    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    thread.start()
-    return thread
 
 
 def _already_published(spec, checkpoint: Path, registry: str | None):
