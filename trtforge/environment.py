@@ -1,9 +1,10 @@
-"""The software environment a run used, recorded in every manifest."""
+"""The software environment a run used, recorded in every manifest, and the CPU it ran on."""
 
 from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 
 RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "nvidia-modelopt", "tensorrt", "polygraphy", "prefect", "trtforge")
 
@@ -16,3 +17,16 @@ def environment() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return versions
+
+
+def cpu_info(field: str) -> str | None:
+    """The first value of ``field`` ("model name", "flags") in Linux's /proc/cpuinfo; None elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == field), None)
+
+
+def cpu_model() -> str:
+    return cpu_info("model name") or platform.processor() or platform.machine()

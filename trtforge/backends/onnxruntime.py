@@ -25,7 +25,7 @@ from trtforge.backends.base import Availability, BuildOptions, BuiltEngine, regi
 from trtforge.errors import StageError, TrtforgeError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
-from trtforge.numeric import PORTABLE_OPTIMIZATION_LEVEL, SHAPE_LEVELS, onnxruntime_session, random_inputs
+from trtforge.numeric import PORTABLE_OPTIMIZATION_LEVEL, max_abs_diff_by_level, onnxruntime_session
 from trtforge.safeio import atomic_output, atomic_write_json, load_onnx_safely
 from trtforge.spec import ModelSpec, Precision, Target
 from trtforge.stages.convert_precision import QUANTIZER_METADATA_KEY, Quantizer
@@ -41,14 +41,7 @@ def run_at_fast_level(engine_path: str, spec: ModelSpec) -> dict[str, float]:
     level; returns the largest absolute difference of their outputs per level."""
     fast = onnxruntime_session(Path(engine_path), optimization_level=FAST_OPTIMIZATION_LEVEL)
     saved = onnxruntime_session(Path(engine_path))
-    differences = {}
-    for offset, level in enumerate(SHAPE_LEVELS):
-        feeds = random_inputs(spec.inputs, level, spec.export.seed + offset)
-        pairs = zip(fast.run(None, feeds), saved.run(None, feeds))
-        differences[level] = max(
-            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)) for a, b in pairs
-        )
-    return differences
+    return max_abs_diff_by_level(spec, lambda feeds: fast.run(None, feeds), lambda feeds: saved.run(None, feeds))
 
 
 class OnnxRuntimeTarget(Target):

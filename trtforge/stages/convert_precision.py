@@ -45,6 +45,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from trtforge.calibration import content_sha256
+from trtforge.environment import cpu_info
 from trtforge.errors import StageError
 from trtforge.hashing import sha256_file
 from trtforge.isolation import run_isolated
@@ -290,12 +291,7 @@ def onnxruntime_int8_settings(machine: str | None = None, cpu_flags: frozenset[s
 
 def _cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them; none elsewhere, which chooses the settings that are safe without VNNI."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    return frozenset((cpu_info("flags") or "").split())
 
 
 def plan_batches(calibration: Mapping[str, np.ndarray], model_inputs: list[InputSpec], onnx_path: Path) -> BatchPlan:

@@ -71,8 +71,6 @@ fails its accuracy.
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +79,7 @@ from pydantic import BaseModel
 from trtforge import speed
 from trtforge.backends.base import Runner
 from trtforge.detection import agreement_metrics, detection_metrics, resampled_map
+from trtforge.environment import cpu_model
 from trtforge.errors import StageError
 from trtforge.evalset import EvalSet, eval_batch_size
 from trtforge.groundtruth import DetectionTruth, SegmentationTruth, Truth
@@ -263,16 +262,6 @@ def timing_conditions() -> dict[str, Any]:
         "cpu_threads": len(os.sched_getaffinity(0)),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def latency_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
