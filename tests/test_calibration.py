@@ -385,7 +385,7 @@ def test_rgb_mean_std_in_8_bit_units_is_one_line_where_great_expectations_fails_
     shapes = shapes.model_copy(update={"eval": shapes.eval.model_copy(update={"data": tmp_path / "eval.npz"})})
 
     def read_with(mean: list[float], std: list[float]) -> ModelSpec:
-        return with_calibration(shapes, data=folder, expected_range=None, preprocessing=Preprocessing(mean=mean, std=std))
+        return with_calibration(shapes, data=folder, annotations=None, expected_range=None, preprocessing=Preprocessing(mean=mean, std=std))
 
     assert validate_calibration(read_with(IMAGENET_MEAN, IMAGENET_STD)).passed
     in_8_bit = [round(m * 255, 3) for m in IMAGENET_MEAN], [round(s * 255, 3) for s in IMAGENET_STD]

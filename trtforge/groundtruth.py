@@ -180,9 +180,9 @@ def _records(path: Path, data: Any, key: str, fields: tuple[str, ...], of: Secti
     return records
 
 
-def coco_class_names(path: Path) -> list[str]:
+def coco_class_names(path: Path, of: Section = "eval") -> list[str]:
     """The class names of the model's class indices when eval.classes is unset: the COCO categories by id, as _read_coco orders them."""
-    categories = _records(path, _read_json(path), "categories", ("id", "name"))
+    categories = _records(path, _read_json(path, of), "categories", ("id", "name"), of)
     by_category = {c["id"]: c["name"] for c in categories}
     return [str(by_category[c]) for c in sorted(by_category)]
 

@@ -2,8 +2,10 @@
 
 ``python detector_data.py`` (or the spec's ``train`` entry point) writes, under ``data/``:
 ``eval.npz`` (``images`` [N, 3, 64, 64] in [0, 1] and ``image_ids``), ``instances.json`` (the
-eval split's boxes as COCO annotations) and ``calibration.npz`` (``images``, drawn apart from
-both other splits). The files are git-ignored: this script makes the same bytes everywhere.
+eval split's boxes as COCO annotations), ``calibration.npz`` (``images`` and ``image_ids``, drawn
+apart from both other splits) and ``calibration.json`` (its boxes, from which the calibration
+check counts objects per class). The files are git-ignored: this script makes the same bytes
+everywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def load_split(split: str) -> list[Scene]:
     return make_scenes(first, count)
 
 
-def coco_annotations(scenes: list[Scene]) -> dict:
+def coco_annotations(scenes: list[Scene], split: str = "eval") -> dict:
     annotations = []
     for image_id, scene in enumerate(scenes, start=1):
         for box, label in zip(scene.boxes, scene.labels):
@@ -41,23 +43,24 @@ def coco_annotations(scenes: list[Scene]) -> dict:
                 }
             )
     return {
-        "images": [{"id": i, "file_name": f"eval_{i:04d}.png", "width": SIZE, "height": SIZE} for i in range(1, len(scenes) + 1)],
+        "images": [{"id": i, "file_name": f"{split}_{i:04d}.png", "width": SIZE, "height": SIZE} for i in range(1, len(scenes) + 1)],
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],
     }
 
 
 def write_data(folder: Path = DATA) -> Path:
-    """Write the eval set, its COCO annotations and the calibration set (skipped when present)."""
+    """Write the eval and calibration sets with their COCO annotations (each file skipped when present)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "instances.json").is_file():
-        scenes = load_split("eval")
+    for split, images, boxes in (("eval", "eval.npz", "instances.json"), ("calibration", "calibration.npz", "calibration.json")):
+        if (folder / images).is_file() and (folder / boxes).is_file():
+            continue
+        scenes = load_split(split)
         # Each file whole or absent: two processes may make the data at once (the tests run in parallel).
         _write_atomically(
-            folder / "eval.npz", lambda f: np.savez(f, images=np.stack([s.image for s in scenes]), image_ids=np.arange(1, len(scenes) + 1))
+            folder / images, lambda f: np.savez(f, images=np.stack([s.image for s in scenes]), image_ids=np.arange(1, len(scenes) + 1))
         )
-        _write_atomically(folder / "calibration.npz", lambda f: np.savez(f, images=np.stack([s.image for s in load_split("calibration")])))
-        _write_atomically(folder / "instances.json", lambda f: f.write(json.dumps(coco_annotations(scenes)).encode()))
+        _write_atomically(folder / boxes, lambda f: f.write(json.dumps(coco_annotations(scenes, split)).encode()))
     return folder
 
 

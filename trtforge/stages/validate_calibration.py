@@ -312,7 +312,7 @@ def object_coverage(spec: ModelSpec, cal: CalibrationSpec, calibration: Calibrat
     eval_truth = load_eval_set(spec).truth
     classes = list(eval_truth.classes)
     if cal.annotation_format == "coco":
-        names = coco_class_names(cal.annotations)
+        names = coco_class_names(cal.annotations, of="calibration")
         if sorted(names) != sorted(classes):
             raise CalibrationError(
                 STAGE,
