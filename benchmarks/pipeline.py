@@ -15,18 +15,26 @@ Prefect's server, task bookkeeping, teardown) and the ratios the pipeline promis
 unchanged re-run at most 5% of a cold one and under 2 s on digits; orchestration at most 10% of
 a cold digits run and 3% of a cold ResNet-50 run.
 
-    python benchmarks/pipeline.py [--models digits resnet50] [--json]
+With ``--server persistent`` the runs use a ``prefect server start`` launched (and waited for)
+before the first run, as a team with a long-lived local server has; the default, ``temporary``,
+is what ``trtforge run`` does without ``PREFECT_API_URL``: a temporary server per run.
+
+    python benchmarks/pipeline.py [--models digits resnet50] [--server temporary|persistent] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,17 +181,57 @@ def print_table(runs: dict[tuple[str, str], Run], found: dict[str, float], check
         print(f"{name:<34} {value:8.3f}{verdict}")
 
 
+SERVER_START_TIMEOUT_S = 300
+
+
+@contextlib.contextmanager
+def persistent_server(environment: dict[str, str], log: Path) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port, healthy before it is used; its API URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=environment, stdout=output, stderr=output
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(api):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"prefect server did not become healthy (exit {server.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield api
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _healthy(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("digits", "resnet50"), default=["digits", "resnet50"])
+    parser.add_argument(
+        "--server", choices=("temporary", "persistent"), default="temporary", help="Prefect's API: per run (default) or one started first"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     runs: dict[tuple[str, str], Run] = {}
-    with tempfile.TemporaryDirectory(prefix="trtforge-bench-pipeline-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="trtforge-bench-pipeline-") as scratch, contextlib.ExitStack() as stack:
         root = Path(scratch)
         # A Prefect home of its own, as a fresh machine has; PREFECT_API_URL unset: the ephemeral API.
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         environment["PREFECT_HOME"] = str(root / "prefect-home")
+        if args.server == "persistent":
+            environment["PREFECT_API_URL"] = stack.enter_context(persistent_server(environment, root / "prefect-server.log"))
         makers = {"digits": digits_spec, "resnet50": resnet50_spec}
         for model in args.models:
             folder = root / model
@@ -202,6 +250,7 @@ def main() -> None:
             ],
             "ratios": found,
             "goals_met": checks,
+            "server": args.server,
             "cpu_count": os.cpu_count(),
         }
         print(json.dumps(payload, indent=2))

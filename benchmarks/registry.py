@@ -3,6 +3,8 @@
 For each size and repetition, the same bytes go through
 
 * ``upload_file`` / ``download_file`` of a plain boto3 client (same part size and concurrency),
+* the same ``download_file`` made durable as a pull's placement is (temporary name, ``fsync``,
+  rename): where the disk writes slower than the server sends, that, not the download, bounds a pull,
 * ``Publisher.publish`` (the file read once: hashed as its parts are sent, each part with its own
   SHA-256 that the server checks, the server's checksum compared, manifest, alias),
 * ``RegistryReader.pull`` into an empty cache (download hashed as it is written, atomic placement),
@@ -97,6 +99,15 @@ def durable_copy(source: Path, dest: Path) -> None:
     os.replace(partial, dest)
 
 
+def durable_download(client, bucket: str, key: str, dest: Path, config) -> None:
+    """A plain download made to survive a crash as a pull is: into a temporary name, synced, then renamed."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    client.download_file(bucket, key, str(partial), Config=config)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, dest)
+
+
 def run(sizes_mb: list[int], repeat: int, bucket: str | None, transfer: TransferSettings) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="trtforge-bench-") as folder:
         work = Path(folder)
@@ -115,7 +126,17 @@ def run_size(work: Path, size_mb: int, repeat: int, bucket_name: str, transfer: 
         multipart_threshold=transfer.part_size, multipart_chunksize=transfer.part_size, max_concurrency=transfer.max_concurrency
     )
     samples: dict[str, list[float]] = {
-        name: [] for name in ("plain_upload", "publish", "plain_download", "pull", "cached_pull", "durable_copy", "cached_pull_new_folder")
+        name: []
+        for name in (
+            "plain_upload",
+            "publish",
+            "plain_download",
+            "durable_download",
+            "pull",
+            "cached_pull",
+            "durable_copy",
+            "cached_pull_new_folder",
+        )
     }
     for round_index in range(repeat):
         prefix = f"bench-{uuid.uuid4().hex[:12]}"
@@ -133,14 +154,15 @@ def run_size(work: Path, size_mb: int, repeat: int, bucket_name: str, transfer: 
             "plain_upload": lambda: client.upload_file(str(engine), bucket_name, plain_key, Config=plain_config),
             "publish": lambda: registry.publish("bench", [target], lineage={}, environment={}, signer=None),
             "plain_download": lambda: client.download_file(bucket_name, plain_key, str(plain_copy), Config=plain_config),
+            "durable_download": lambda: durable_download(client, bucket_name, plain_key, plain_copy, plain_config),
             "pull": lambda: registry.pull("bench", deploy, cache_dir=cache),
             "durable_copy": lambda: durable_copy(engine, plain_copy),
             "cached_pull_new_folder": lambda: cached_pull(redeploy),
         }
         # Alternate which side goes first, so server-side and page caches favour neither.
-        pairs = [("plain_upload", "publish"), ("plain_download", "pull")]
-        for pair in pairs:
-            for name in pair if round_index % 2 == 0 else reversed(pair):
+        groups = [("plain_upload", "publish"), ("plain_download", "pull", "durable_download")]
+        for group in groups:
+            for name in group if round_index % 2 == 0 else reversed(group):
                 samples[name].append(timed(steps[name]))
         plain_copy.unlink()
         samples["cached_pull"].append(timed(lambda: cached_pull(deploy)))
@@ -165,6 +187,7 @@ def run_size(work: Path, size_mb: int, repeat: int, bucket_name: str, transfer: 
         "cached_pull_budget_seconds": CACHED_PULL_BUDGET_S * size_mb / 100,
         "publish_vs_upload_file": median["publish"] / median["plain_upload"],
         "pull_vs_download_file": median["pull"] / median["plain_download"],
+        "pull_vs_durable_download": median["pull"] / median["durable_download"],
         "new_folder_vs_durable_copy": median["cached_pull_new_folder"] / median["durable_copy"],
         "cached_pull_seconds": median["cached_pull"],
     }
@@ -179,6 +202,7 @@ def report(result: dict) -> None:
         print(f"  {name:22s} {seconds:8.3f} s" + (f"  {rate:8.1f} MiB/s" if rate else ""))
     print(f"  publish / upload_file     = {result['publish_vs_upload_file']:.2f}")
     print(f"  pull / download_file      = {result['pull_vs_download_file']:.2f}")
+    print(f"  pull / durable download   = {result['pull_vs_durable_download']:.2f}")
     print(f"  new folder / durable copy = {result['new_folder_vs_durable_copy']:.2f}")
     budget = result["cached_pull_budget_seconds"]
     verdict = "within" if result["cached_pull_seconds"] <= budget else "OVER"

@@ -6,14 +6,18 @@ convert precision -> build (here, or on the target's GPU worker) -> gate -> publ
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture
 from trtforge.tasks.build import build_and_gate_task
 from trtforge.tasks.check_ops import check_ops_task
 from trtforge.tasks.checkpoint import ensure_checkpoint_task
@@ -33,12 +37,13 @@ from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.evalset import load_eval_set
 from trtforge.lineage import RunInputs, published_version, run_inputs, stage_spec_sha256
 from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
+from trtforge.parallelism import parallel_jobs
 from trtforge.registry import open_registry
 from trtforge.report import markdown_summary, target_rows, write_report
 from trtforge.routing import Route, RouteKind, route_target
 from trtforge.spec import ModelSpec, Precision, Target, load_spec
 from trtforge.stages.build import BuildRequest
-from trtforge.stages.convert_precision import Quantizer, quantizer_for
+from trtforge.stages.convert_precision import ConversionResult, Quantizer, quantizer_for
 from trtforge.stages.gate import PreviousRelease, task_metric_name
 from trtforge.stages.ladder import LadderRecord, LadderStep, ladder_enabled, next_exclusions, start_record
 from trtforge.stages.latency_gate import apply_speedup_gates
@@ -55,6 +60,9 @@ from trtforge.summary import (
     TargetOutcome,
     TargetStatus,
 )
+
+# What a target's graph is converted by: its precision and the quantizer its backend takes.
+Conversion = tuple[Precision, Quantizer]
 
 
 def previous_release(registry, model: str, tag: str, alias: str | None = None) -> PreviousRelease | None:
@@ -196,7 +204,8 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
     work_dir.mkdir(parents=True, exist_ok=True)
     mark_used(work_dir)
-    # The data files first: a wrong array name or shape fails before minutes of export, not after.
+    # The settings and data files first: a wrong array name or shape fails before minutes of export, not after.
+    jobs = parallel_jobs(spec)
     load_eval_set(spec)
     calibration_sha256 = _validate_calibration(spec, summary.run_dir, summary)
     exported = run_step(summary, export_task, spec, ckpt, work_dir)
@@ -206,12 +215,8 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started = time.perf_counter()
-    # By precision and quantizer: onnxruntime CPU int8 is onnxruntime's quantizer's, TensorRT's is ModelOpt's.
-    converted: dict[tuple[Precision, Quantizer], Path] = {}
-    conversion_failures: dict[tuple[Precision, Quantizer], str] = {}
-    # TensorRT parses the converted graph (Q/DQ for int8/fp8, casts for fp16): each is checked once.
-    tensorrt_refusals: dict[Precision, str | None] = {Precision.FP32: None}
-    pending, outcomes = [], []
+    outcomes: list[TargetOutcome] = []
+    planned: list[tuple[int, Target, str, Route, Conversion]] = []
     for index, target in enumerate(spec.targets):
         backend = get_backend(target.backend)
         tag = target_tag(target, spec, backend.runtime_version())
@@ -220,13 +225,13 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             logger.warning("target %s: unavailable: %s (%s)", tag, route.reason, "; ".join(route.details))
             outcomes.append(_outcome(target, tag, TargetStatus.UNAVAILABLE, route.reason, route.details))
             continue
-        conversion = (target.precision, quantizer_for(backend))
-        if conversion not in converted and conversion not in conversion_failures:
-            try:
-                converted[conversion] = _convert(spec, simplified.onnx_path, target.precision, artifacts, summary, quantizer=conversion[1])
-            except TrtforgeError as err:
-                logger.warning("convert-precision %s: failed: %s", target.precision.value, err)
-                conversion_failures[conversion] = _stage_failure(err, Stage.CONVERT_PRECISION)
+        # By precision and quantizer: onnxruntime CPU int8 is onnxruntime's quantizer's, TensorRT's is ModelOpt's.
+        planned.append((index, target, tag, route, (target.precision, quantizer_for(backend))))
+    converted, conversion_failures = _convert_all(spec, simplified.onnx_path, [p[-1] for p in planned], artifacts, summary, jobs)
+    # TensorRT parses the converted graph (Q/DQ for int8/fp8, casts for fp16): each is checked once.
+    tensorrt_refusals: dict[Precision, str | None] = {Precision.FP32: None}
+    requests: list[tuple[Target, str, Route, BuildRequest]] = []
+    for index, target, tag, route, conversion in planned:
         if conversion in conversion_failures:
             outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[conversion]))
             continue
@@ -252,7 +257,9 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
             # Timed here once every conversion and build of the run is over; a GPU worker times its own.
             time_engine=route.kind is not RouteKind.LOCAL,
         )
-        pending.append((target, tag, route, request, _submit(route, request, spec.name, run_id)))
+        requests.append((target, tag, route, request))
+    futures = _bounded(jobs, [functools.partial(_submit, route, request, spec.name, run_id) for _, _, route, request in requests])
+    pending = [(*planned_build, future) for planned_build, future in zip(requests, futures)]
     ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id)
     built_here: list[tuple[Target, int]] = []
     for target, tag, route, request, future in pending:
@@ -268,7 +275,11 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
         if route.kind is RouteKind.LOCAL:
             built_here.append((target, len(outcomes) - 1))
     summary.stages.append(
-        StageTiming(stage=Stage.BUILD, seconds=time.perf_counter() - started, detail=f"{len(pending)} target(s) converted, built and gated")
+        StageTiming(
+            stage=Stage.BUILD,
+            seconds=time.perf_counter() - started,
+            detail=f"{len(pending)} target(s) converted, built and gated, {jobs} at a time",
+        )
     )
     # Nothing else of the run executes now: each engine built here is timed alone, one after another.
     for target, position in built_here:
@@ -417,6 +428,46 @@ class Ladder:
         return outcome
 
 
+def _bounded(jobs: int, submissions: list[Callable[[], PrefectFuture]]) -> list[PrefectFuture]:
+    """Make each submission in order, with at most ``jobs`` of their futures unfinished at once."""
+    futures: list[PrefectFuture] = []
+    for submit in submissions:
+        running = [f.wrapped_future for f in futures if not f.wrapped_future.done()]
+        if len(running) >= jobs:
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        futures.append(submit())
+    return futures
+
+
+def _convert_all(
+    spec: ModelSpec, onnx_path: Path, conversions: list[Conversion], artifacts: Path, summary: RunSummary, jobs: int
+) -> tuple[dict[Conversion, Path], dict[Conversion, str]]:
+    """Each distinct conversion once, at most ``jobs`` at a time: the converted graphs, and the failed conversions' reasons
+    (a failed conversion fails the targets that need it, not the run)."""
+    wanted = list(dict.fromkeys(conversions))
+    cache_dir = _precision_cache(spec, artifacts)
+    submissions = [
+        functools.partial(convert_precision_task.submit, spec, onnx_path, precision, cache_dir, exact_node_patterns([]), quantizer)
+        for precision, quantizer in wanted
+    ]
+    converted: dict[Conversion, Path] = {}
+    failures: dict[Conversion, str] = {}
+    for conversion, future in zip(wanted, _bounded(jobs, submissions)):
+        try:
+            result = future.result()
+        except TrtforgeError as err:
+            get_run_logger().warning("convert-precision %s: failed: %s", conversion[0].value, err)
+            failures[conversion] = _stage_failure(err, Stage.CONVERT_PRECISION)
+            continue
+        summary.conversions.append(_conversion_summary(result, []))
+        converted[conversion] = result.onnx_path
+    return converted, failures
+
+
+def _precision_cache(spec: ModelSpec, artifacts: Path) -> Path:
+    return artifacts / "cache" / spec.name / "precision"
+
+
 def _convert(
     spec: ModelSpec,
     onnx_path: Path,
@@ -427,23 +478,26 @@ def _convert(
     quantizer: Quantizer = Quantizer.MODELOPT,
 ) -> Path:
     """``precision``'s graph, by ``quantizer`` where it is int8; ``excluded_nodes`` (exact node names) stay out of quantization."""
-    cache_dir = artifacts / "cache" / spec.name / "precision"
-    result = convert_precision_task(spec, onnx_path, precision, cache_dir, exact_node_patterns(excluded_nodes or []), quantizer)
-    summary.conversions.append(
-        ConversionSummary(
-            precision=result.precision.value,
-            method=result.method,
-            qdq_node_count=result.qdq_node_count,
-            quantized_op_types=result.quantized_op_types,
-            seconds=result.seconds,
-            cached=result.cached,
-            modelopt_version=result.modelopt_version,
-            quantizer=result.quantizer.value if result.quantizer else None,
-            quantizer_version=result.quantizer_version,
-            excluded_nodes=excluded_nodes or [],
-        )
+    result = convert_precision_task(
+        spec, onnx_path, precision, _precision_cache(spec, artifacts), exact_node_patterns(excluded_nodes or []), quantizer
     )
+    summary.conversions.append(_conversion_summary(result, excluded_nodes or []))
     return result.onnx_path
+
+
+def _conversion_summary(result: ConversionResult, excluded_nodes: list[str]) -> ConversionSummary:
+    return ConversionSummary(
+        precision=result.precision.value,
+        method=result.method,
+        qdq_node_count=result.qdq_node_count,
+        quantized_op_types=result.quantized_op_types,
+        seconds=result.seconds,
+        cached=result.cached,
+        modelopt_version=result.modelopt_version,
+        quantizer=result.quantizer.value if result.quantizer else None,
+        quantizer_version=result.quantizer_version,
+        excluded_nodes=excluded_nodes,
+    )
 
 
 def _ended_by(err: TrtforgeError, summary: RunSummary) -> None:

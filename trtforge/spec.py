@@ -30,8 +30,9 @@ MAX_SPEC_VALUES = 100_000
 MAX_SPEC_DEPTH = 64
 # Calibration data with these suffixes holds the model's inputs ready-made; anything else is read as images.
 ARRAY_DATA_SUFFIXES = (".npz", ".npy")
-# Where checkpoints are looked for changes nothing that is built: it stays out of the spec's hash.
-NOT_IN_LINEAGE = {"watch"}
+# Where checkpoints are looked for, and how many jobs run at once, change nothing that is built: they stay out of the
+# spec's hash.
+NOT_IN_LINEAGE = {"watch", "parallel"}
 
 
 class Strict(BaseModel):
@@ -552,6 +553,10 @@ class ModelSpec(Strict):
     allow_pickle_checkpoints: bool = True
     watch: WatchSpec | None = None
     serving: ServingSpec | None = None
+    parallel: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="conversions and builds of this run's targets at once; default the worker's cores; TRTFORGE_PARALLEL overrides it",
+    )
 
     # Set by parse_spec: where relative paths were resolved from, and the hash of the spec as written
     # (before resolution, so the same spec hashes the same in any checkout).
