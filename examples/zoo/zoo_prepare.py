@@ -137,9 +137,13 @@ def build_yolov8n(num_classes: int = 80):
     The state dict keys are Ultralytics' own (``model.0.conv.weight`` ...), so the weights of a
     trained ``best.pt`` (``torch.load(...)["model"].float().state_dict()``) saved as safetensors load.
     """
+    import ultralytics
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel("yolov8n.yaml", nc=num_classes, verbose=False).eval()
+    # Ultralytics reads a config named 'yolov8n.yaml' from the working directory first, which in this
+    # folder is the spec: name its own by path (it keeps one yolov8.yaml and takes the scale from the name).
+    config = Path(ultralytics.__file__).parent / "cfg" / "models" / "v8" / "yolov8n.yaml"
+    model = DetectionModel(str(config), nc=num_classes, verbose=False).eval()
     head = model.model[-1]
     # Only the decoded head, not (head, feature maps): the tensor the yolo decoder reads.
     head.export = True
