@@ -80,7 +80,13 @@ def _write_checkpoint(spec: ModelSpec, checkpoint: Path) -> None:
     from safetensors.torch import save
 
     torch.manual_seed(WEIGHTS_SEED)
-    state = {name: tensor.contiguous() for name, tensor in build_model(spec).state_dict().items()}
+    model = build_model(spec)
+    # torchvision starts ViT's classifier at zero (for fine-tuning): every logit would be 0, and the
+    # gate's cosine with the reference 0. A weight matrix left at zero is drawn like a linear layer's.
+    for parameter in model.parameters():
+        if parameter.dim() == 2 and not parameter.any():
+            torch.nn.init.trunc_normal_(parameter.data, std=0.02)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     _write_atomically(checkpoint, lambda f: f.write(save(state)))
 
 
