@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trtforge.backends.base import get_backend
-from trtforge.detection import coco_evaluate
+from trtforge.detection import coco_evaluate, truth_dict
 from trtforge.errors import SpecError
 from trtforge.evalset import load_eval_set
 from trtforge.groundtruth import DetectionTruth
@@ -70,6 +70,19 @@ def test_coco_metrics_match_the_hand_computed_case(evaluator):
     assert scores["map"] == pytest.approx(5 / 6)
     assert scores["ap50"] == pytest.approx(5 / 6) and scores["ap75"] == pytest.approx(5 / 6)
     assert scores["ar100"] == pytest.approx(1.0)
+
+
+def test_coco_evaluation_leaves_stdout_alone_while_other_threads_evaluate():
+    # The gates of a run's targets evaluate at once, on threads: swapping sys.stdout for one of them swapped it for
+    # every thread, and two overlapping swaps left it pointing at a buffer, swallowing the CLI's --json.
+    from concurrent.futures import ThreadPoolExecutor
+
+    stdout = sys.stdout
+    expected = coco_evaluate(truth_dict(hand_truth()), HAND_DETECTIONS)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(pool.map(lambda _: coco_evaluate(truth_dict(hand_truth()), HAND_DETECTIONS), range(64)))
+    assert sys.stdout is stdout
+    assert all(scores == expected for scores in found)
 
 
 def test_agreement_with_reference_detections():
@@ -405,6 +418,7 @@ def test_shapes_detector_example_end_to_end(detector, prefect_api, tmp_path):
     from flows.retrain_to_engine import retrain_to_engine
 
     _, checkpoint, _, _ = detector
+    stdout = sys.stdout
     summary = retrain_to_engine(
         spec_path=str(SPEC),
         checkpoint=str(checkpoint),
@@ -419,3 +433,4 @@ def test_shapes_detector_example_end_to_end(detector, prefect_api, tmp_path):
     assert fp32.metrics["reference_map"] - int8.metrics["map"] <= 0.015
     report = (summary.run_dir / "report.md").read_text()
     assert "published version 1" in report and "map=" in report
+    assert sys.stdout is stdout, "a stage left sys.stdout redirected: the CLI's --json would go nowhere"

@@ -10,6 +10,7 @@ evaluator's own precision table over IoU thresholds and recall points for that c
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from typing import Any
 
@@ -59,30 +60,43 @@ def _results(detections: list[Detections]) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 7))
 
 
+def _discard(*_: Any, **__: Any) -> None:
+    return None
+
+
+def _evaluated(coco_class, evaluator_class, gt: dict, results: np.ndarray):
+    coco_gt = coco_class()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    if len(results):
+        coco_dt = coco_gt.loadRes(results)
+    else:
+        coco_dt = coco_class()
+        coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+        coco_dt.createIndex()
+    run = evaluator_class(coco_gt, coco_dt, "bbox")
+    run.evaluate()
+    run.accumulate()
+    run.summarize()
+    return run
+
+
 def coco_evaluate(gt: dict, detections: list[Detections], evaluator: str = "faster-coco-eval") -> dict[str, Any]:
     """COCO bbox evaluation; ``evaluator`` 'pycocotools' runs the original for comparison."""
+    results = _results(detections)
     if evaluator == "faster-coco-eval":
-        from faster_coco_eval import COCO
-        from faster_coco_eval import COCOeval_faster as COCOeval
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        # Its summary table goes to print_function, not stdout: no redirect, which would swap sys.stdout for every
+        # thread of the process while the gates of several targets run at once (and swallow the CLI's --json).
+        run = _evaluated(COCO, functools.partial(COCOeval_faster, print_function=_discard), gt, results)
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-    results = _results(detections)
-    # Both evaluators print their progress and the summary table; the gate reports its own.
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        if len(results):
-            coco_dt = coco_gt.loadRes(results)
-        else:
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-            coco_dt.createIndex()
-        run = COCOeval(coco_gt, coco_dt, "bbox")
-        run.evaluate()
-        run.accumulate()
-        run.summarize()
+
+        # pycocotools prints its progress and summary; it runs only in evaluator comparisons, one at a time.
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = _evaluated(COCO, COCOeval, gt, results)
     precision = np.asarray(run.eval["precision"])
     area_all = list(run.params.areaRngLbl).index("all")
     last = list(run.params.maxDets).index(COCO_MAX_DETECTIONS)
