@@ -11,6 +11,7 @@ on its eval set; for ResNet-18, whose random weights have no task accuracy, top-
 fp32 and mean cosine similarity of the logits on random images.
 
     python benchmarks/cpu_precision.py [--models digits resnet18] [--min-seconds 1.0]
+    python benchmarks/cpu_precision.py --variants "fp32 ALL" "int8 onnxruntime"   # where ModelOpt is not installed
 """
 
 from __future__ import annotations
@@ -138,18 +139,24 @@ def resnet18_workload(work: Path) -> Workload:
 
 
 def median_latencies_ms(
-    runners: dict[str, object], feeds: dict[str, np.ndarray], min_seconds: float, min_rounds: int = 3
+    runners: dict[str, object], feeds: dict[str, np.ndarray], min_seconds: float, rounds: int = 2, min_runs: int = 3
 ) -> dict[str, float]:
-    """Runs the variants in turn, round after round, so load from other processes falls on all of them alike."""
-    for runner in runners.values():
-        runner.run(feeds)  # the first run allocates and picks kernels
+    """Each variant timed in a block of its own runs, the order reversed from one round to the next, so load from
+    other processes falls on all of them alike. Blocks, not runs in turn: a session's thread pool spins for a while
+    after each run, and would slow the next variant's run on the same cores."""
     times: dict[str, list[float]] = {label: [] for label in runners}
-    started = time.perf_counter()
-    while len(times[BASELINE]) < min_rounds or time.perf_counter() - started < min_seconds * len(runners):
-        for label, runner in runners.items():
-            tick = time.perf_counter()
-            runner.run(feeds)
-            times[label].append(time.perf_counter() - tick)
+    order = list(runners)
+    for round_index in range(rounds):
+        for label in order if round_index % 2 == 0 else reversed(order):
+            runner = runners[label]
+            runner.run(feeds)  # the first run allocates and picks kernels; later ones warm the thread pool
+            started = time.perf_counter()
+            runs = 0
+            while runs < min_runs or time.perf_counter() - started < min_seconds / rounds:
+                tick = time.perf_counter()
+                runner.run(feeds)
+                times[label].append(time.perf_counter() - tick)
+                runs += 1
     return {label: statistics.median(samples) * 1000 for label, samples in times.items()}
 
 
@@ -157,11 +164,11 @@ def run_all(runner, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([runner.run({"input": images[i : i + batch]})["logits"] for i in range(0, len(images), batch)])
 
 
-def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
+def benchmark(workload: Workload, work: Path, min_seconds: float, variants: tuple[Variant, ...] = VARIANTS) -> list[Row]:
     backend = get_backend("onnxruntime")
     outputs: dict[str, np.ndarray] = {}
     runners = {}
-    for variant in VARIANTS:
+    for variant in variants:
         converted = convert_precision(
             workload.onnx_path,
             variant.precision,
@@ -185,7 +192,7 @@ def benchmark(workload: Workload, work: Path, min_seconds: float) -> list[Row]:
             latencies[label, batch] = latency
 
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         logits = outputs[variant.label]
         if workload.labels is not None:
             accuracy = f"top-1 {100 * np.mean(logits.argmax(1) == workload.labels):.2f}%"
@@ -206,7 +213,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("digits", "resnet18"), default=["digits", "resnet18"])
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent measuring each latency")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep models and engines here (default: a temp folder)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[v.label for v in VARIANTS],
+        default=[v.label for v in VARIANTS],
+        help=f"the variants to measure (default all; {BASELINE!r}, the baseline, is always measured)",
+    )
     args = parser.parse_args()
+    variants = tuple(v for v in VARIANTS if v.label in args.variants or v.label == BASELINE)
 
     import onnxruntime
 
@@ -215,7 +230,7 @@ def main() -> None:
         work = args.work_dir or Path(scratch)
         rows = []
         for name in args.models:
-            rows += benchmark(builders[name](work), work, args.min_seconds)
+            rows += benchmark(builders[name](work), work, args.min_seconds, variants)
 
     settings = onnxruntime_int8_settings()
     print(

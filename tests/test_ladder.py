@@ -23,8 +23,8 @@ from trtforge.summary import TargetStatus
 pytestmark = pytest.mark.usefixtures("prefect_api")
 OUTLIER_CHANNELS = 4
 SCALE = 1000.0
-# The digits CNN's second convolution, as the exporter names it: the outlier channels are its input.
-SECOND_CONV = "node_Conv_20"
+# The digits CNN's first convolution, as the exporter names it: the outlier channels are its output.
+FIRST_CONV = "node_Conv_19"
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,9 @@ def test_without_the_ladder_the_failed_int8_gate_names_its_most_sensitive_nodes(
     assert outcome.status is TargetStatus.FAILED
     assert any("top-1" in f for f in outcome.failures)
     (note,) = [n for n in outcome.notes if n.startswith("most sensitive quantized nodes")]
-    # The outlier channels enter the second convolution: its input's Q/DQ does the damage.
-    assert note.split(": ", 1)[1].startswith(f"{SECOND_CONV} (Conv, +")
+    # The outlier channels leave the first convolution: its output's Q/DQ (int8 flows on through ReLU and pooling)
+    # does the damage.
+    assert note.split(": ", 1)[1].startswith(f"{FIRST_CONV} (Conv, +")
     ladder = outcome.record["precision_ladder"]
     assert ladder["steps"] == []
     first, second = ladder["sensitive_nodes"][:2]
@@ -76,7 +77,7 @@ def test_the_ladder_keeps_the_sensitive_convolution_out_and_publishes_int8(tmp_p
     ladder = outcome.record["precision_ladder"]
     steps = [s["excluded_nodes"] for s in ladder["steps"]]
     # Step 1 keeps the worst node out; each later step adds the worst node of the re-ranked graph, until one passes.
-    assert steps[0] == [SECOND_CONV], steps
+    assert steps[0] == [FIRST_CONV], steps
     assert all(later[: len(earlier)] == earlier and len(later) == len(earlier) + 1 for earlier, later in zip(steps, steps[1:])), steps
     assert [s["passed"] for s in ladder["steps"]] == [False] * (len(steps) - 1) + [True], ladder["steps"]
     assert ladder["steps"][-1]["task_metric"] == "accuracy"
@@ -86,4 +87,4 @@ def test_the_ladder_keeps_the_sensitive_convolution_out_and_publishes_int8(tmp_p
     manifest = open_registry(f"file://{tmp_path / 'registry'}").manifest(summary.model, summary.version)
     published = manifest.targets[outcome.tag].record["precision_ladder"]
     assert published["steps"][-1]["excluded_nodes"] == steps[-1]
-    assert published["sensitive_nodes"][0]["name"] == SECOND_CONV
+    assert published["sensitive_nodes"][0]["name"] == FIRST_CONV

@@ -24,7 +24,14 @@ from trtforge.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeTarget
 from trtforge.evalset import load_eval_set
 from trtforge.registry import open_registry
 from trtforge.spec import Precision, PrecisionOptions
-from trtforge.stages.convert_precision import ConversionResult, Quantizer, convert_precision, onnxruntime_int8_settings, quantizer_for
+from trtforge.stages.convert_precision import (
+    ConversionResult,
+    Quantizer,
+    convert_precision,
+    onnxruntime_int8_settings,
+    output_tail,
+    quantizer_for,
+)
 from trtforge.stages.gate import gate_target
 from trtforge.stages.reference import load_reference, reference_outputs
 from trtforge.stages.sensitivity import exact_node_patterns, rank_quantized_nodes
@@ -149,6 +156,27 @@ def test_int8_settings_follow_the_cpu_instructions():
     assert not onnxruntime_int8_settings("x86_64", frozenset({"avx_vnni", "amx_int8"}))["reduce_range"]
     arm = onnxruntime_int8_settings("aarch64", frozenset())
     assert arm["activation_type"] == "QInt8" and not arm["reduce_range"]
+
+
+def test_what_follows_the_last_compute_op_stays_out_of_int8():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+            node("Relu", ["c1"], ["r1"], name="relu_between"),
+            node("Add", ["r1", "c1"], ["a1"], name="residual_add"),
+            node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
+            node("Sigmoid", ["c2"], ["scores"], name="scores"),
+            node("Mul", ["c2", "stride"], ["boxes"], name="decode_boxes"),
+            node("Concat", ["boxes", "scores"], ["y"], name="concat", axis=1),
+        ],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    assert sorted(output_tail(graph.node)) == ["concat", "decode_boxes", "scores"]
 
 
 def test_ladder_exclusions_name_nodes_of_the_onnxruntime_graph(digits_onnx, digits_spec, calibration, cache, ort_int8):
