@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,10 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.prefect_health import prefect_api_healthy  # noqa: E402
+
 DIGITS = REPO / "examples" / "digits"
 RESNET_EVAL_IMAGES = 32
 RESNET_CALIBRATION_IMAGES = 64
@@ -198,7 +201,7 @@ def persistent_server(environment: dict[str, str], log: Path) -> Iterator[str]:
         )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(api):
+        while not prefect_api_healthy(api):
             if server.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"prefect server did not become healthy (exit {server.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
@@ -206,14 +209,6 @@ def persistent_server(environment: dict[str, str], log: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=60)
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def main() -> None:

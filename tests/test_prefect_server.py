@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from xml.etree import ElementTree
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import DIGITS_DIR, DIGITS_SPEC, REPO
+from tests.prefect_health import prefect_api_healthy
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
 
@@ -80,14 +80,6 @@ def _wait_for(what: str, ready, timeout: float, process: subprocess.Popen, log: 
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not ready after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(interval)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def write_spec(folder: Path, incoming: Path) -> Path:
@@ -191,7 +183,7 @@ def stack(prefect_server, digits_checkpoint):
     from prefect.workers.process import ProcessWorker
 
     root, api, env = prefect_server.root, prefect_server.api, prefect_server.env
-    _wait_for("prefect server", lambda: _healthy(api), 240, prefect_server.process, prefect_server.log)
+    _wait_for("prefect server", lambda: prefect_api_healthy(api), 240, prefect_server.process, prefect_server.log)
     worker_log = root / "worker.log"
     worker = None
     try:
