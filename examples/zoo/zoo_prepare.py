@@ -19,7 +19,6 @@ model, the input size, the preprocessing and the paths are said once, in the YAM
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,6 +28,7 @@ import numpy as np
 
 from trtforge.calibration import preprocess_image
 from trtforge.modelload import build_model
+from trtforge.safeio import atomic_output
 from trtforge.spec import ModelSpec, load_spec
 
 HERE = Path(__file__).resolve().parent
@@ -47,10 +47,8 @@ WEIGHTS_SEED = 0
 def _write_atomically(path: Path, write: Callable) -> None:
     """The file whole or absent: a run that stops half-way leaves nothing a later run takes for finished."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with partial.open("wb") as handle:
+    with atomic_output(path, durable=False) as partial, partial.open("wb") as handle:
         write(handle)
-    partial.replace(path)
 
 
 def _png(scene_image: np.ndarray):
