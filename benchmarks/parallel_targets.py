@@ -32,7 +32,8 @@ from pipeline import Run, digits_spec, run_cli
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trtforge.parallelism import PARALLEL_ENVIRONMENT, worker_cores  # noqa: E402
+from trtforge.environment import worker_cores  # noqa: E402
+from trtforge.parallelism import PARALLEL_ENVIRONMENT  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 
 from tests.flow_harness import run_flow, write_spec
+from trtforge.environment import worker_cores
 from trtforge.errors import TrtforgeError
-from trtforge.parallelism import PARALLEL_ENVIRONMENT, parallel_jobs, worker_cores
+from trtforge.parallelism import PARALLEL_ENVIRONMENT, parallel_jobs
 from trtforge.spec import load_spec
 
 THREE_CPU_TARGETS = [{"backend": "onnxruntime", "device": "cpu", "precision": p} for p in ("fp32", "fp16", "int8")]

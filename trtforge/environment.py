@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -30,3 +31,11 @@ def cpu_info(field: str) -> str | None:
 
 def cpu_model() -> str:
     return cpu_info("model name") or platform.processor() or platform.machine()
+
+
+def worker_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import os
 
+from trtforge.environment import worker_cores
 from trtforge.errors import TrtforgeError
 from trtforge.spec import ModelSpec
 
 PARALLEL_ENVIRONMENT = "TRTFORGE_PARALLEL"
-
-
-def worker_cores() -> int:
-    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def parallel_jobs(spec: ModelSpec) -> int:

@@ -79,7 +79,7 @@ from pydantic import BaseModel
 from trtforge import speed
 from trtforge.backends.base import Runner
 from trtforge.detection import agreement_metrics, detection_metrics, resampled_map
-from trtforge.environment import cpu_model
+from trtforge.environment import cpu_model, worker_cores
 from trtforge.errors import StageError
 from trtforge.evalset import EvalSet, eval_batch_size
 from trtforge.groundtruth import DetectionTruth, SegmentationTruth, Truth
@@ -259,7 +259,7 @@ def timing_conditions() -> dict[str, Any]:
     and the load average at the time (the GPU, for a GPU engine, is in its build record)."""
     return {
         "cpu_model": cpu_model(),
-        "cpu_threads": len(os.sched_getaffinity(0)),
+        "cpu_threads": worker_cores(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
