@@ -9,11 +9,13 @@ imports (torch, Prefect) happen inside the commands that need them, so ``pull``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,41 +81,69 @@ class _NoUserErrorTraceback(logging.Formatter):
             record.exc_info, record.exc_text = kept
 
 
+def _console_handlers() -> list[logging.StreamHandler]:
+    # Prefect's console handler sits on the root logger (its flow and task run loggers propagate to it). The API
+    # handler, which ships records to the server, is left alone.
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("prefect").handlers]
+    return [h for h in handlers if isinstance(h, logging.StreamHandler)]
+
+
 def _quiet_console_tracebacks() -> None:
     """Prefect logs every failed task and flow with its traceback on the console; a user error needs none."""
     if debugging():
         return
-    # Prefect's console handler sits on the root logger (its flow and task run loggers propagate to it).
-    for handler in [*logging.getLogger().handlers, *logging.getLogger("prefect").handlers]:
-        # The API handler ships records to the server (the UI keeps the traceback): only terminals are quieted.
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoUserErrorTraceback):
+    for handler in _console_handlers():
+        if not isinstance(handler.formatter, _NoUserErrorTraceback):
             handler.setFormatter(_NoUserErrorTraceback(handler.formatter))
 
 
-def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = True):
-    """A flow of the pipeline extra; with the core install, one line saying what to install.
+class _NoLinksTo(logging.Filter):
+    """Leaves out Prefect's "View at URL" lines for a server that serves no UI and stops with the run."""
 
-    ``runs_here``: the flow will run in this process, so the ephemeral API server (when no
-    PREFECT_API_URL is set) is started while the flow's modules import, not after.
+    def __init__(self, address: str):
+        super().__init__()
+        self.line_start = f"View at {address}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.line_start)
+
+
+@contextlib.contextmanager
+def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = True) -> Iterator[Any]:
+    """A flow of the pipeline extra (with the core install, one line saying what to install), for the block.
+
+    ``runs_here``: the flow runs in this process, so where no API is configured a temporary Prefect
+    server starts before Prefect is imported here, boots while the flow's modules import, and
+    stops when the block ends.
     """
     import importlib
 
-    api_start = None
+    temporary_api = None
     try:
-        api_start = importlib.import_module("trtforge.flows.ephemeral_api").start_in_background() if runs_here else None
+        if runs_here:
+            temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start()
         flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
     except ModuleNotFoundError as err:
+        if temporary_api is not None:
+            temporary_api.stop()
         missing = (err.name or "").split(".")[0]
         if missing.startswith("trtforge"):
             raise
         raise TrtforgeError(
             f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
         ) from None
+    try:
+        _quiet_console_tracebacks()
+        if temporary_api is not None:
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+            temporary_api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+            for handler in _console_handlers():
+                handler.addFilter(_NoLinksTo(temporary_api.address))
+        yield flow
     finally:
-        if api_start is not None:
-            api_start.join()
-    _quiet_console_tracebacks()
-    return flow
+        if temporary_api is not None:
+            temporary_api.stop()
 
 
 def _already_published(spec, checkpoint: Path, registry: str | None):
@@ -178,15 +208,15 @@ def run(
         # 20 s default is not always enough.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        retrain_to_engine = _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run")
         try:
-            summary = retrain_to_engine(
-                spec_path=str(spec),
-                checkpoint=str(checkpoint) if checkpoint else None,
-                registry=registry,
-                artifacts_dir=str(artifacts),
-                inputs=inputs,
-            )
+            with _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run") as retrain_to_engine:
+                summary = retrain_to_engine(
+                    spec_path=str(spec),
+                    checkpoint=str(checkpoint) if checkpoint else None,
+                    registry=registry,
+                    artifacts_dir=str(artifacts),
+                    inputs=inputs,
+                )
         except TrtforgeError as err:
             if err.summary is None:
                 raise
@@ -249,21 +279,21 @@ def ci_command(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if deployment is not None:
-        run_on_deployment = _pipeline_flow("watch", "run_on_deployment", "ci", runs_here=False)
-        summary = run_on_deployment(
-            deployment,
-            str(spec),
-            loaded.name,
-            _for_worker(checkpoint),
-            _for_worker(uri),
-            on_started=lambda line: typer.echo(line, err=True),
-        )
+        with _pipeline_flow("watch", "run_on_deployment", "ci", runs_here=False) as run_on_deployment:
+            summary = run_on_deployment(
+                deployment,
+                str(spec),
+                loaded.name,
+                _for_worker(checkpoint),
+                _for_worker(uri),
+                on_started=lambda line: typer.echo(line, err=True),
+            )
     elif "://" not in checkpoint and (published := _already_published(loaded, Path(checkpoint), uri)[0]) is not None:
         summary = published
     else:
-        watch = _pipeline_flow("watch", "watch", "ci")
         try:
-            summary = watch(spec_path=str(spec), checkpoint=checkpoint, registry=uri, artifacts_dir=str(artifacts))
+            with _pipeline_flow("watch", "watch", "ci") as watch:
+                summary = watch(spec_path=str(spec), checkpoint=checkpoint, registry=uri, artifacts_dir=str(artifacts))
         except RunFailed as err:
             summary = err.summary
         except RuntimeError as err:

@@ -1,0 +1,158 @@
+"""The temporary Prefect API server the CLI starts before it imports Prefect (trtforge.flows.temporary_api).
+
+Each case runs in a process of its own with no Prefect settings from the test session, as the
+CLI does: under pytest Prefect is already imported, and then no temporary server is started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# One Prefect home for the module: its first use migrates the database.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="trtforge-temporary-api-prefect-"))
+DEADLINE_S = 300
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRTFORGE_"))}
+    return {**env, "PREFECT_HOME": str(PREFECT_HOME), **extra}
+
+
+def python(code: str, env: dict[str, str], **options) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S, **options
+    )
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited: only its parent's wait is missing.
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+
+
+def test_a_flow_runs_on_it_and_its_logs_reach_it_before_it_stops():
+    done = python(
+        f"""
+        import os
+        from trtforge.flows.temporary_api import TemporaryApi
+        api = TemporaryApi.start()
+        assert os.environ["PREFECT_API_URL"] == api.url, os.environ.get("PREFECT_API_URL")
+        from prefect import flow, get_run_logger
+        api.wait_ready({DEADLINE_S})
+
+        @flow
+        def hello():
+            get_run_logger().info("hello from the flow")
+            return 42
+
+        assert hello() == 42
+        api.stop()
+        print(api.url, "PREFECT_API_URL" in os.environ, api.process.returncode)
+        """,
+        clean_environment(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    url, still_set, exit_code = done.stdout.split()
+    assert still_set == "False"
+    assert exit_code != "None"
+    assert not answers(url)
+    # Logs drained before the server stopped: no retries against a closed port.
+    assert "Error logging to API" not in done.stderr, done.stderr[-3000:]
+
+
+def test_no_server_where_a_profile_names_an_api():
+    home = Path(tempfile.mkdtemp(prefix="trtforge-temporary-api-profile-"))
+    (home / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n'
+    )
+    done = python(
+        "from trtforge.flows.temporary_api import TemporaryApi; print(TemporaryApi.start())",
+        clean_environment(PREFECT_HOME=str(home)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "None"
+
+
+def test_no_server_where_temporary_servers_are_turned_off():
+    done = python(
+        "from trtforge.flows.temporary_api import TemporaryApi; print(TemporaryApi.start())",
+        clean_environment(PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "None"
+
+
+def test_a_server_that_cannot_start_is_one_error_line_from_the_cli(tmp_path):
+    unwritable = tmp_path / "no-such-folder" / "prefect.db"
+    env = clean_environment(PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{unwritable}")
+    done = subprocess.run(
+        [sys.executable, "-c", "from trtforge.cli import main; main()", "run", "examples/digits/spec.yaml", "--artifacts", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "Prefect's temporary API server exited with code" in errors[0]
+    assert "set PREFECT_API_URL to a running server" in errors[0]
+
+
+def test_the_server_stops_itself_when_its_parent_is_killed():
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys
+                from trtforge.flows.temporary_api import TemporaryApi
+                api = TemporaryApi.start()
+                api.wait_ready({DEADLINE_S})
+                print(api.process.pid, api.url, flush=True)
+                sys.stdin.read()
+                """
+            ),
+        ],
+        cwd=REPO,
+        env=clean_environment(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server_pid, url = parent.stdout.readline().split()
+        assert answers(url)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + DEADLINE_S
+    while process_exists(int(server_pid)):
+        assert time.monotonic() < deadline, f"the server (pid {server_pid}) outlived its killed parent"
+        time.sleep(0.2)
+    assert not answers(url)
