@@ -84,9 +84,7 @@ def test_a_flow_runs_on_it_and_its_logs_reach_it_before_it_stops():
 
 def test_no_server_where_a_profile_names_an_api():
     home = Path(tempfile.mkdtemp(prefix="trtforge-temporary-api-profile-"))
-    (home / "profiles.toml").write_text(
-        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n'
-    )
+    (home / "profiles.toml").write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n')
     done = python(
         "from trtforge.flows.temporary_api import TemporaryApi; print(TemporaryApi.start())",
         clean_environment(PREFECT_HOME=str(home)),
