@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from trtforge.errors import TrtforgeError
@@ -46,9 +47,12 @@ class TemporaryApi:
         self.url = f"{address}/api"
 
     @classmethod
-    def start(cls) -> TemporaryApi | None:
+    def start(cls, while_deciding: Callable[[], object] = lambda: None) -> TemporaryApi | None:
         """The server, started; None where the run needs none of its own (an API is configured, temporary servers
-        are turned off, or Prefect is already imported here, as under ``prefect_test_harness``)."""
+        are turned off, or Prefect is already imported here, as under ``prefect_test_harness``).
+
+        ``while_deciding`` runs while the child reads Prefect's settings: work that imports no Prefect.
+        """
         if "PREFECT_API_URL" in os.environ or "prefect" in sys.modules:
             return None
         port = _free_loopback_port()
@@ -61,6 +65,13 @@ class TemporaryApi:
                 stderr=errors,
                 text=True,
             )
+        try:
+            while_deciding()
+        except BaseException:
+            process.kill()
+            process.wait()
+            log.unlink(missing_ok=True)
+            raise
         decision = process.stdout.readline().strip()
         process.stdout.close()
         if decision != SERVER_NEEDED:

@@ -6,6 +6,7 @@ CLI does: under pytest Prefect is already imported, and then no temporary server
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -50,6 +51,34 @@ def process_exists(pid: int) -> bool:
         return False
     # A zombie has exited: only its parent's wait is missing.
     return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+
+
+def test_the_library_the_cli_imports_while_the_server_decides_imports_no_prefect_and_is_what_the_flows_import():
+    flow_sources = [*(REPO / "flows").glob("*.py"), *(REPO / "tasks").glob("*.py")]
+    imported = set()
+    for source in flow_sources:
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trtforge."):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names if alias.name.startswith("trtforge."))
+    library = sorted(m for m in imported if not m.startswith(("trtforge.tasks", "trtforge.flows")))
+    done = python(
+        f"""
+        import sys
+        from trtforge.cli import _import_the_flows_library
+        _import_the_flows_library()
+        print("prefect" in sys.modules)
+        print("matplotlib.pyplot" in sys.modules)
+        print(" ".join(m for m in {library!r} if m not in sys.modules))
+        """,
+        clean_environment(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    prefect_imported, pyplot_imported, *missing = done.stdout.splitlines()
+    assert prefect_imported == "False"
+    assert pyplot_imported == "True"
+    assert missing == [""], f"add these to trtforge.flows.LIBRARY_MODULES: {missing}"
 
 
 def test_a_flow_runs_on_it_and_its_logs_reach_it_before_it_stops():

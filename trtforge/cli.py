@@ -10,6 +10,7 @@ imports (torch, Prefect) happen inside the commands that need them, so ``pull``,
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -116,12 +117,10 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
     server starts before Prefect is imported here, boots while the flow's modules import, and
     stops when the block ends.
     """
-    import importlib
-
     temporary_api = None
     try:
         if runs_here:
-            temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start()
+            temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
         flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
     except ModuleNotFoundError as err:
         if temporary_api is not None:
@@ -144,6 +143,15 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
     finally:
         if temporary_api is not None:
             temporary_api.stop()
+
+
+def _import_the_flows_library() -> None:
+    from trtforge.flows import LIBRARY_MODULES
+    from trtforge.report import pyplot
+
+    for module in LIBRARY_MODULES:
+        importlib.import_module(module)
+    pyplot()
 
 
 def _already_published(spec, checkpoint: Path, registry: str | None):

@@ -125,19 +125,24 @@ def markdown_summary(summary: RunSummary, plot: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (a report needs no screen); imported on first use, as it takes a second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
     """Task metric against median latency per built target; failing targets marked with a red cross."""
     points = [t for t in summary.targets if "latency_ms_median" in t.metrics]
     if not points:
         return None
-    import matplotlib
-
     from trtforge.registry.pull import EngineFacts
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    figure, axes = pyplot().subplots(figsize=(7, 4.5))
     for index, target in enumerate(points):
         metric = next((m for m in ("accuracy", "map", "miou", "agreement", "cosine_mean") if m in target.metrics), None)
         if metric is None:
@@ -185,7 +190,7 @@ def plot_accuracy_latency(summary: RunSummary, path: Path) -> Path | None:
     figure.tight_layout()
     with atomic_writer(path) as handle:
         figure.savefig(handle, format="png", dpi=100)
-    pyplot.close(figure)
+    pyplot().close(figure)
     return path
 
 
