@@ -101,7 +101,7 @@ class TemporaryApi:
             time.sleep(HEALTH_POLL_S)
 
     def stop(self) -> None:
-        _drain_prefect_workers()
+        drain_prefect_workers()
         os.environ.pop("PREFECT_API_URL", None)
         self.process.terminate()
         try:
@@ -118,9 +118,9 @@ class TemporaryApi:
         return " | ".join(said[-lines:]) or "it printed nothing"
 
 
-def _drain_prefect_workers() -> None:
-    """Prefect sends logs and events from background workers that drain at exit: they go to the server before it
-    stops, or they retry against a closed port for a minute."""
+def drain_prefect_workers() -> None:
+    """Prefect sends logs and events from background workers that drain at exit: here they go to the server before
+    it stops (else they retry against a closed port for a minute), or before the CLI exits without Python's shutdown."""
     if "prefect" not in sys.modules:
         return
     from prefect.events.worker import EventsWorker
