@@ -7,6 +7,7 @@ CLI does: under pytest Prefect is already imported, and then no temporary server
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 import subprocess
@@ -183,3 +184,47 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
         assert time.monotonic() < deadline, f"the server (pid {server_pid}) outlived its killed parent"
         time.sleep(0.2)
     assert not answers(url)
+
+
+def test_the_cli_exit_delivers_a_flows_last_logs_to_a_configured_server(tmp_path):
+    from trtforge.flows.temporary_api import SERVER_ENVIRONMENT, SERVER_NEEDED, _free_loopback_port
+
+    port = _free_loopback_port()
+    url = f"http://127.0.0.1:{port}/api"
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "trtforge.flows.temporary_api", str(port)],
+            cwd=REPO,
+            env={**clean_environment(), **SERVER_ENVIRONMENT},
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    try:
+        assert server.stdout.readline().strip() == SERVER_NEEDED
+        deadline = time.monotonic() + DEADLINE_S
+        while not answers(url):
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        done = python(
+            """
+            from prefect import flow, get_run_logger
+            from trtforge.cli import _leave
+
+            @flow
+            def hello():
+                get_run_logger().info("the last words of the flow")
+
+            hello()
+            _leave(0)
+            """,
+            clean_environment(PREFECT_API_URL=url),
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        request = urllib.request.Request(f"{url}/logs/filter", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            messages = [entry["message"] for entry in json.load(response)]
+        assert "the last words of the flow" in messages, messages
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
