@@ -43,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.prefect_health import prefect_api_healthy  # noqa: E402
+from trtforge.flows.temporary_api import api_healthy  # noqa: E402
 
 DIGITS = REPO / "examples" / "digits"
 RESNET_EVAL_IMAGES = 32
@@ -213,7 +213,7 @@ def persistent_server(environment: dict[str, str], log: Path) -> Iterator[str]:
         )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not prefect_api_healthy(api):
+        while not api_healthy(api):
             if server.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"prefect server did not become healthy (exit {server.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -86,7 +85,7 @@ class TemporaryApi:
     def wait_ready(self, timeout_s: float) -> None:
         """Return once the server answers its health check; a server that exits or stays silent is a ``TrtforgeError``."""
         deadline = time.monotonic() + timeout_s
-        while not _healthy(self.url):
+        while not api_healthy(self.url):
             if self.process.poll() is not None:
                 raise TrtforgeError(
                     f"Prefect's temporary API server exited with code {self.process.returncode} before it answered: "
@@ -136,11 +135,12 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def api_healthy(url: str) -> bool:
+    """True once the Prefect API at ``url`` (``http://host:port/api``) answers its health check."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except OSError:
         return False
 
 

@@ -24,9 +24,9 @@ from xml.etree import ElementTree
 
 import pytest
 import yaml
+from trtforge.flows.temporary_api import api_healthy
 
 from tests.conftest import DIGITS_DIR, DIGITS_SPEC, REPO
-from tests.prefect_health import prefect_api_healthy
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
 
@@ -183,7 +183,7 @@ def stack(prefect_server, digits_checkpoint):
     from prefect.workers.process import ProcessWorker
 
     root, api, env = prefect_server.root, prefect_server.api, prefect_server.env
-    _wait_for("prefect server", lambda: prefect_api_healthy(api), 240, prefect_server.process, prefect_server.log)
+    _wait_for("prefect server", lambda: api_healthy(api), 240, prefect_server.process, prefect_server.log)
     worker_log = root / "worker.log"
     worker = None
     try:

@@ -15,9 +15,10 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
+
+from trtforge.flows.temporary_api import api_healthy
 
 from tests.conftest import REPO
 
@@ -35,14 +36,6 @@ def python(code: str, env: dict[str, str], **options) -> subprocess.CompletedPro
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S, **options
     )
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def process_exists(pid: int) -> bool:
@@ -107,7 +100,7 @@ def test_a_flow_runs_on_it_and_its_logs_reach_it_before_it_stops():
     url, still_set, exit_code = done.stdout.split()
     assert still_set == "False"
     assert exit_code != "None"
-    assert not answers(url)
+    assert not api_healthy(url)
     # Logs drained before the server stopped: no retries against a closed port.
     assert "Error logging to API" not in done.stderr, done.stderr[-3000:]
 
@@ -175,7 +168,7 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
     )
     try:
         server_pid, url = parent.stdout.readline().split()
-        assert answers(url)
+        assert api_healthy(url)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
@@ -183,7 +176,7 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
     while process_exists(int(server_pid)):
         assert time.monotonic() < deadline, f"the server (pid {server_pid}) outlived its killed parent"
         time.sleep(0.2)
-    assert not answers(url)
+    assert not api_healthy(url)
 
 
 def test_the_cli_exit_delivers_a_flows_last_logs_to_a_configured_server(tmp_path):
@@ -203,7 +196,7 @@ def test_the_cli_exit_delivers_a_flows_last_logs_to_a_configured_server(tmp_path
     try:
         assert server.stdout.readline().strip() == SERVER_NEEDED
         deadline = time.monotonic() + DEADLINE_S
-        while not answers(url):
+        while not api_healthy(url):
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
         done = python(
