@@ -190,12 +190,10 @@ SERVER_START_TIMEOUT_S = 300
 def prepare_prefect_home(environment: dict[str, str]) -> float:
     """The first use of a Prefect home (its database migrated, Prefect's block types registered): once per machine,
     so done here, timed apart from the runs, as every run but a machine's first finds it done."""
-    first_use = (
-        "from trtforge.flows.temporary_api import TemporaryApi\n"
-        f"api = TemporaryApi.start()\napi.wait_ready({SERVER_START_TIMEOUT_S})\napi.stop()"
-    )
+    first_use = "from trtforge.flows.temporary_api import TemporaryApi\napi = TemporaryApi.start()\napi.wait_ready()\napi.stop()"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", first_use], env=environment, check=True)
+    timeout = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_START_TIMEOUT_S)}
+    subprocess.run([sys.executable, "-c", first_use], env={**environment, **timeout}, check=True)
     return time.perf_counter() - started
 
 

@@ -82,8 +82,12 @@ class TemporaryApi:
         os.environ["PREFECT_API_URL"] = api.url
         return api
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Return once the server answers its health check; a server that exits or stays silent is a ``TrtforgeError``."""
+    def wait_ready(self) -> None:
+        """Return once the server answers its health check, within Prefect's startup timeout (as Prefect's own
+        temporary server); a server that exits or stays silent is a ``TrtforgeError``."""
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        timeout_s = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         deadline = time.monotonic() + timeout_s
         while not api_healthy(self.url):
             if self.process.poll() is not None:

@@ -29,7 +29,7 @@ DEADLINE_S = 300
 
 def clean_environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRTFORGE_"))}
-    return {**env, "PREFECT_HOME": str(PREFECT_HOME), **extra}
+    return {**env, "PREFECT_HOME": str(PREFECT_HOME), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(DEADLINE_S), **extra}
 
 
 def python(code: str, env: dict[str, str], **options) -> subprocess.CompletedProcess:
@@ -77,13 +77,13 @@ def test_the_library_the_cli_imports_while_the_server_decides_imports_no_prefect
 
 def test_a_flow_runs_on_it_and_its_logs_reach_it_before_it_stops():
     done = python(
-        f"""
+        """
         import os
         from trtforge.flows.temporary_api import TemporaryApi
         api = TemporaryApi.start()
         assert os.environ["PREFECT_API_URL"] == api.url, os.environ.get("PREFECT_API_URL")
         from prefect import flow, get_run_logger
-        api.wait_ready({DEADLINE_S})
+        api.wait_ready()
 
         @flow
         def hello():
@@ -150,11 +150,11 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
             sys.executable,
             "-c",
             textwrap.dedent(
-                f"""
+                """
                 import sys
                 from trtforge.flows.temporary_api import TemporaryApi
                 api = TemporaryApi.start()
-                api.wait_ready({DEADLINE_S})
+                api.wait_ready()
                 print(api.process.pid, api.url, flush=True)
                 sys.stdin.read()
                 """

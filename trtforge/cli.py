@@ -141,24 +141,20 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
     """
     temporary_api = None
     try:
-        if runs_here:
-            temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
-        flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
-    except ModuleNotFoundError as err:
-        if temporary_api is not None:
-            temporary_api.stop()
-        missing = (err.name or "").split(".")[0]
-        if missing.startswith("trtforge"):
-            raise
-        raise TrtforgeError(
-            f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
-        ) from None
-    try:
+        try:
+            if runs_here:
+                temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
+            flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
+        except ModuleNotFoundError as err:
+            missing = (err.name or "").split(".")[0]
+            if missing.startswith("trtforge"):
+                raise
+            raise TrtforgeError(
+                f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
+            ) from None
         _quiet_console_tracebacks()
         if temporary_api is not None:
-            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-            temporary_api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+            temporary_api.wait_ready()
             for handler in _console_handlers():
                 handler.addFilter(_NoLinksTo(temporary_api.address))
         yield flow
