@@ -18,7 +18,7 @@ from trtforge.safeio import external_data_files, load_onnx_safely
 from trtforge.spec import load_spec
 from trtforge.stages.build import BuildRequest
 from trtforge.stages.runner import Stage
-from trtforge.staging import Staging, external_data_name, target_slot
+from trtforge.staging import Staging, external_data_name, input_name, target_slot
 from trtforge.summary import TargetOutcome
 
 
@@ -41,19 +41,19 @@ def build_on_worker_task(deployment: str, request: BuildRequest, model: str, run
     """Stage the request's files, run ``deployment`` on the staged request, and fetch the outcome it staged."""
     staging = Staging(open_registry(request.registry), model, run_id)
     onnx_sha256, reference_sha256 = sha256_file(request.onnx_path), sha256_file(request.reference.path)
-    onnx_name = f"onnx-{onnx_sha256[:16]}.onnx"
-    staging.put(onnx_name, request.onnx_path)
+    onnx_name, reference_name = input_name("onnx", onnx_sha256, ".onnx"), input_name("reference", reference_sha256, ".npz")
+    staging.put_input(onnx_name, request.onnx_path)
     # A model over protobuf's 2 GB keeps its weights in files beside it: they travel too, each checked on arrival.
     plugins = load_spec(request.spec_path).plugins
     external = {}
     for location in external_data_files(load_onnx_safely(request.onnx_path, plugins=plugins, load_external_data=False)):
         external[location] = sha256_file(request.onnx_path.parent / location)
-        staging.put(external_data_name(onnx_name, location), request.onnx_path.parent / location)
-    staging.put("reference.npz", request.reference.path)
+        staging.put_input(external_data_name(onnx_name, location, external[location]), request.onnx_path.parent / location)
+    staging.put_input(reference_name, request.reference.path)
     staged = request.model_copy(
         update={
             "onnx_path": Path(onnx_name),
-            "reference": request.reference.model_copy(update={"path": Path("reference.npz")}),
+            "reference": request.reference.model_copy(update={"path": Path(reference_name)}),
             "onnx_sha256": onnx_sha256,
             "reference_sha256": reference_sha256,
             "onnx_external": external,
@@ -63,6 +63,8 @@ def build_on_worker_task(deployment: str, request: BuildRequest, model: str, run
     flow_run = run_deployment(
         deployment,
         parameters={"request": staged.model_dump(mode="json"), "run_id": run_id},
+        # The client retries a create whose answer it did not get; the key makes the server return the run it made.
+        idempotency_key=f"{run_id}/{target_slot(request.target_index)}/{onnx_name}",
         timeout=None,
         as_subflow=True,
     )

@@ -1,4 +1,6 @@
-"""A converted ONNX that keeps its weights in external data files reaches a GPU worker whole.
+"""Staging between the main flow and a build worker: what travels, and what happens when it travels twice.
+
+A converted ONNX that keeps its weights in external data files reaches a GPU worker whole.
 
 Models over protobuf's 2 GB limit are saved with their tensors beside the .onnx; a build worker
 shares nothing with the main flow but the registry's staging area, so those files travel there
@@ -7,6 +9,9 @@ too, and the worker checks each one's location and sha256 before building.
 
 from __future__ import annotations
 
+import json
+import re
+
 import onnx
 import pytest
 from prefect import flow
@@ -14,8 +19,8 @@ from prefect import flow
 from tests.flow_harness import write_spec
 from trtforge.errors import RegistryError
 from trtforge.registry import open_registry
-from trtforge.staging import Staging
-from trtforge.summary import TargetStatus
+from trtforge.staging import Staging, input_name, target_slot
+from trtforge.summary import TargetOutcome, TargetStatus
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -54,7 +59,7 @@ def test_a_model_with_external_data_is_staged_whole_and_built_on_the_worker(tmp_
     assert outcome.status is TargetStatus.PASSED, outcome.reason
     assert outcome.metrics["accuracy"] > 0.95
     staged = [info.key for info in open_registry(registry).store.list(f"{spec.name}/staging/run-1/")]
-    assert any(key.endswith(".onnx.data/weights.bin") for key in staged), staged
+    assert any(re.search(r"\.onnx\.data/[0-9a-f]{16}/weights\.bin$", key) for key in staged), staged
 
 
 def test_a_staged_location_outside_the_model_folder_is_refused(tmp_path):
@@ -64,3 +69,34 @@ def test_a_staged_location_outside_the_model_folder_is_refused(tmp_path):
     with pytest.raises(RegistryError, match="is an absolute path"):
         staging.get_external_data("onnx-1.onnx", {"/etc/passwd": "0" * 64}, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def _outcome(folder, engine_bytes: bytes) -> TargetOutcome:
+    folder.mkdir(parents=True)
+    (folder / "engine").write_bytes(engine_bytes)
+    (folder / "build.json").write_text(json.dumps({"attempt": engine_bytes.decode()}))
+    files = {"engine": folder / "engine", "build.json": folder / "build.json"}
+    return TargetOutcome(tag="t", backend="onnxruntime", precision="fp32", required=True, status=TargetStatus.PASSED, files=files)
+
+
+def test_a_build_delivered_twice_stages_its_second_outcome_whole(registry_uri, tmp_path):
+    """Prefect delivers a flow run at least once: a second execution of the same target's build (or the
+    next ladder rung on the same slot) must not fail on the first one's files, nor mix with them."""
+    staging = Staging(open_registry(registry_uri), "digits-cnn", "run-1")
+    slot = target_slot(0)
+    staging.put_outcome(slot, _outcome(tmp_path / "first", b"first"))
+    staging.put_outcome(slot, _outcome(tmp_path / "second", b"second"))
+
+    fetched = staging.get_outcome(slot, tmp_path / "fetched")
+    assert fetched.files["engine"].read_bytes() == b"second"
+    assert json.loads(fetched.files["build.json"].read_text()) == {"attempt": "second"}, "the outcome's files all come from one attempt"
+
+
+def test_an_input_staged_again_by_a_second_target_is_found_there(registry_uri, tmp_path):
+    reference = tmp_path / "reference.npz"
+    reference.write_bytes(b"outputs")
+    staging = Staging(open_registry(registry_uri), "digits-cnn", "run-1")
+    name = input_name("reference", "ab" * 32, ".npz")
+    staging.put_input(name, reference)
+    staging.put_input(name, reference)
+    assert staging.get(name, tmp_path / "back.npz").read_bytes() == b"outputs"

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 from trtforge.errors import RegistryError
 from trtforge.hashing import sha256_file
 from trtforge.registry.common import staging_prefix
+from trtforge.registry.storage import PreconditionFailed
 from trtforge.safeio import location_problem
 from trtforge.summary import TargetOutcome
 
@@ -25,9 +27,14 @@ def target_slot(target_index: int) -> str:
     return f"target-{target_index}"
 
 
-def external_data_name(onnx_name: str, location: str) -> str:
+def input_name(stem: str, sha256: str, suffix: str) -> str:
+    """The staged name of one of the main flow's inputs: its content decides it, so staging it again is harmless."""
+    return f"{stem}-{sha256[:16]}{suffix}"
+
+
+def external_data_name(onnx_name: str, location: str, sha256: str) -> str:
     """Where an external data file of the staged ONNX ``onnx_name`` is staged."""
-    return f"{onnx_name}.data/{location}"
+    return f"{onnx_name}.data/{sha256[:16]}/{location}"
 
 
 class Staging:
@@ -42,13 +49,21 @@ class Staging:
         self.registry.store.upload_file(key, path)
         return key
 
+    def put_input(self, name: str, path: Path) -> None:
+        """Stage an input named by its content (``input_name``): a ladder rung or a second remote target
+        of the same run stages the same reference outputs again, and finds them there already."""
+        try:
+            self.put(name, path)
+        except PreconditionFailed:
+            pass
+
     def get_external_data(self, onnx_name: str, external: dict[str, str], model_dir: Path) -> None:
         """Fetch the staged ONNX's external data files into ``model_dir``, each checked to stay inside it and against its sha256."""
         for location, sha256 in external.items():
             problem = location_problem(location)
             if problem is not None:
                 raise RegistryError(f"refused: the staged external data location {location!r} of {onnx_name} {problem}")
-            self.get(external_data_name(onnx_name, location), model_dir / location, sha256)
+            self.get(external_data_name(onnx_name, location, sha256), model_dir / location, sha256)
 
     def get(self, name: str, dest: Path, sha256: str | None = None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -59,11 +74,16 @@ class Staging:
         return dest
 
     def put_outcome(self, slot: str, outcome: TargetOutcome) -> None:
-        """Upload a built target's files, then its outcome: the outcome's presence means the files are complete."""
+        """Upload a built target's files, then its outcome: the outcome's presence means the files are complete.
+
+        Each attempt's files go to a folder of their own, and the outcome (written last, replacing any
+        before it) names them: an orchestrator delivers a flow run at least once, and a second execution
+        of the same build must neither collide with the first nor pair its outcome with the other's files."""
+        attempt = f"{slot}/attempt-{uuid.uuid4().hex[:12]}"
         staged = {}
         for name, path in outcome.files.items():
-            self.put(f"{slot}/{name}", path)
-            staged[name] = {"sha256": sha256_file(path)}
+            staged[name] = {"sha256": sha256_file(path), "staged_as": f"{attempt}/{name}"}
+            self.put(staged[name]["staged_as"], path)
         payload = outcome.model_dump(mode="json")
         payload["files"] = staged
         self.registry.store.put(f"{self.prefix}/{slot}/outcome.json", json.dumps(payload).encode())
@@ -73,7 +93,7 @@ class Staging:
         if stored is None:
             raise RegistryError(f"the build worker left no result at {self.prefix}/{slot}/outcome.json")
         payload = json.loads(stored.data)
-        files = {name: self.get(f"{slot}/{name}", dest_dir / name, meta["sha256"]) for name, meta in payload["files"].items()}
+        files = {name: self.get(meta["staged_as"], dest_dir / name, meta["sha256"]) for name, meta in payload["files"].items()}
         payload["files"] = {name: str(path) for name, path in files.items()}
         return TargetOutcome.model_validate(payload)
 
