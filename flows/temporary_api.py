@@ -54,7 +54,7 @@ class TemporaryApi:
         """
         if "PREFECT_API_URL" in os.environ or "prefect" in sys.modules:
             return None
-        port = _free_loopback_port()
+        port = free_loopback_port()
         log = Path(tempfile.mkstemp(prefix="trtforge-prefect-api-", suffix=".log")[1])
         with open(log, "w") as errors:
             process = subprocess.Popen(
@@ -133,7 +133,7 @@ def drain_prefect_workers() -> None:
     EventsWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

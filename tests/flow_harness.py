@@ -1,4 +1,4 @@
-"""The flow tests' harness: a temporary Prefect API per test module, a served build-target
+"""The flow tests' harness: a Prefect API for the modules that run flows, a served build-target
 deployment, and the digits spec copied with changes. Registered in tests/conftest.py; modules
 that run flows use it with ``pytestmark = pytest.mark.usefixtures("prefect_api")``."""
 
@@ -12,11 +12,34 @@ import yaml
 from tests.conftest import DIGITS_DIR, DIGITS_SPEC
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session")
+def prefect_server_url(tmp_path_factory) -> str:
+    """One Prefect server per test process (each xdist worker has its own), on a database of its own.
 
-    with prefect_test_harness(server_startup_timeout=120):
+    prefect_test_harness starts a server on a fresh database, whose migrations make each start
+    cost ~25 s: paid once per module, that was a tenth of the suite. The server lives for the
+    session; only the modules that ask for ``prefect_api`` point Prefect at it."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from trtforge.flows.temporary_api import drain_prefect_workers, free_loopback_port
+
+    database = tmp_path_factory.mktemp("prefect-server") / "prefect.db"
+    # A port taken meanwhile makes the server exit with code 3, and start() then tries another.
+    server = SubprocessASGIServer(port=free_loopback_port())
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{database}"}):
+        server.start(timeout=120)
+    try:
+        yield server.api_url
+    finally:
+        drain_prefect_workers()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server_url):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url}):
         yield
 
 

@@ -405,14 +405,6 @@ def test_detector_with_nms_inside_is_gated_on_onnxruntime(detector, padded, tmp_
 # ---------------------------------------------------------------- the example end to end
 
 
-@pytest.fixture()
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_shapes_detector_example_end_to_end(detector, prefect_api, tmp_path):
     """The example as it ships (fp32 and int8 on onnxruntime), from the trained checkpoint to a published version."""
     from flows.retrain_to_engine import retrain_to_engine

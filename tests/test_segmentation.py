@@ -114,7 +114,8 @@ def segmenter(tmp_path_factory):
     spec = load_spec(SPEC)
     work = tmp_path_factory.mktemp("shapes-segmenter")
     checkpoint = work / "shapes-segmenter.safetensors"
-    import_callable(spec.train, spec.source, "train")(checkpoint)
+    # 6 of the example's 8 epochs: mIoU ~0.85 (every class >= 0.74) against ~0.90, in three quarters of the time.
+    import_callable(spec.train, spec.source, "train")(checkpoint, epochs=6)
     return spec, checkpoint, work
 
 
@@ -165,14 +166,6 @@ def test_per_class_floor_catches_one_collapsed_class(segmenter):
     # Circles now read as other shapes, which costs those classes too; the floor names every class under it.
     (failure,) = result.failures
     assert failure.startswith("per-class IoU below the floor 0.6000 (min_class_iou): ") and "circle 0.0000" in failure
-
-
-@pytest.fixture()
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_shapes_segmenter_example_end_to_end(segmenter, prefect_api, tmp_path):

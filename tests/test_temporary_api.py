@@ -180,9 +180,9 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
 
 
 def test_the_cli_exit_delivers_a_flows_last_logs_to_a_configured_server(tmp_path):
-    from trtforge.flows.temporary_api import SERVER_ENVIRONMENT, SERVER_NEEDED, _free_loopback_port
+    from trtforge.flows.temporary_api import SERVER_ENVIRONMENT, SERVER_NEEDED, free_loopback_port
 
-    port = _free_loopback_port()
+    port = free_loopback_port()
     url = f"http://127.0.0.1:{port}/api"
     with open(tmp_path / "server.log", "w") as log:
         server = subprocess.Popen(
