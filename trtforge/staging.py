@@ -45,9 +45,8 @@ class Staging:
         self.prefix = staging_prefix(model, run_id)
 
     def put(self, name: str, path: Path) -> str:
-        key = f"{self.prefix}/{name}"
-        self.registry.store.upload_file(key, path)
-        return key
+        """Upload ``path`` as ``name``; returns the SHA-256 of the bytes stored, hashed as they were sent."""
+        return self.registry.store.upload_file(f"{self.prefix}/{name}", path).sha256
 
     def put_input(self, name: str, path: Path) -> None:
         """Stage an input named by its content (``input_name``): a ladder rung or a second remote target
@@ -82,8 +81,8 @@ class Staging:
         attempt = f"{slot}/attempt-{uuid.uuid4().hex[:12]}"
         staged = {}
         for name, path in outcome.files.items():
-            staged[name] = {"sha256": sha256_file(path), "staged_as": f"{attempt}/{name}"}
-            self.put(staged[name]["staged_as"], path)
+            staged_as = f"{attempt}/{name}"
+            staged[name] = {"sha256": self.put(staged_as, path), "staged_as": staged_as}
         payload = outcome.model_dump(mode="json")
         payload["files"] = staged
         self.registry.store.put(f"{self.prefix}/{slot}/outcome.json", json.dumps(payload).encode())
