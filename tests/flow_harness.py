@@ -75,12 +75,13 @@ def served_build_target(tmp_path):
     import os
     import subprocess
     import sys
-    import time
 
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import REPO
+    from tests.waiting import wait_until
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     log = open(tmp_path / "serve.log", "w")
@@ -92,18 +93,16 @@ def served_build_target(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
+
+        def deployment_ready() -> bool:
             with get_client(sync_client=True) as client:
                 try:
                     deployment = client.read_deployment_by_name("build-target/test-builders")
-                    if getattr(deployment.status, "value", deployment.status) == "READY":
-                        break
-                except Exception:
-                    pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("serve did not become ready: " + (tmp_path / "serve.log").read_text()[-2000:])
-            time.sleep(1)
+                except ObjectNotFound:
+                    return False
+            return getattr(deployment.status, "value", deployment.status) == "READY"
+
+        wait_until(deployment_ready, timeout=120, what="serve's deployment ready", interval=1, process=process, log=tmp_path / "serve.log")
         yield
     finally:
         process.terminate()

@@ -18,12 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until
 
 TEST_BUCKET = "trtforge-tests"
 ACCESS_KEY = "AKIAFORGETESTKEY0001"
@@ -160,24 +161,22 @@ class SeaweedFS:
             region_name="us-east-1",
             config=Config(retries={"total_max_attempts": 1}, connect_timeout=1, read_timeout=5),
         )
-        deadline = time.monotonic() + timeout
-        bucket = TEST_BUCKET
-        while True:
-            if self.process.poll() is not None:
-                tail = (self.workdir / "logs" / "stdout.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"weed server exited with {self.process.returncode} while starting:\n{tail}")
+
+        def writable() -> bool:
             try:
                 with contextlib.suppress(ClientError):
-                    client.create_bucket(Bucket=bucket)
-                client.put_object(Bucket=bucket, Key="readiness-check", Body=b"ready")
-                return
+                    client.create_bucket(Bucket=TEST_BUCKET)
+                client.put_object(Bucket=TEST_BUCKET, Key="readiness-check", Body=b"ready")
             except (BotoCoreError, ClientError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"weed server did not become ready within {timeout:.0f} s (logs in {self.workdir / 'logs'})"
-                    ) from None
-                time.sleep(0.25)
+                return False
+            return True
+
+        log = self.workdir / "logs" / "stdout.log"
+        try:
+            wait_until(writable, timeout=timeout, what="weed server ready for writes", interval=0.25, process=self.process, log=log)
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self, grace: float = 1.0) -> None:
         if self.process is None or self.process.poll() is not None:

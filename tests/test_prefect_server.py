@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from xml.etree import ElementTree
@@ -27,6 +26,7 @@ import yaml
 from trtforge.flows.temporary_api import api_healthy
 
 from tests.conftest import DIGITS_DIR, DIGITS_SPEC, REPO
+from tests.waiting import wait_until
 from trtforge.hashing import sha256_file
 from trtforge.registry import open_registry
 
@@ -67,19 +67,6 @@ def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-
-
-def _wait_for(what: str, ready, timeout: float, process: subprocess.Popen, log: Path, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ready()
-        if result:
-            return result
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(interval)
 
 
 def write_spec(folder: Path, incoming: Path) -> Path:
@@ -183,7 +170,7 @@ def stack(prefect_server, digits_checkpoint):
     from prefect.workers.process import ProcessWorker
 
     root, api, env = prefect_server.root, prefect_server.api, prefect_server.env
-    _wait_for("prefect server", lambda: api_healthy(api), 240, prefect_server.process, prefect_server.log)
+    wait_until(lambda: api_healthy(api), timeout=240, what="prefect server", process=prefect_server.process, log=prefect_server.log)
     worker_log = root / "worker.log"
     worker = None
     try:
@@ -218,7 +205,7 @@ def stack(prefect_server, digits_checkpoint):
                     status = client.read_deployment_by_name(DEPLOYMENT).status
                 return getattr(status, "value", status) == "READY"
 
-            _wait_for("worker polling the deployment", deployment_ready, 180, worker, worker_log, interval=1)
+            wait_until(deployment_ready, timeout=180, what="worker polling the deployment", interval=1, process=worker, log=worker_log)
             try:
                 yield built
             finally:
@@ -250,14 +237,12 @@ def run_summary(registry: str, report_id: str):
 def finish(flow_run_id, timeout: float = 300):
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
+    def final():
+        with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(flow_run_id)
-            if flow_run.state is not None and flow_run.state.is_final():
-                return flow_run
-            assert time.monotonic() < deadline, f"flow run {flow_run.name} still {flow_run.state.name} after {timeout:.0f} s"
-            time.sleep(1)
+        return flow_run if flow_run.state is not None and flow_run.state.is_final() else None
+
+    return wait_until(final, timeout=timeout, what=f"flow run {flow_run_id} in a final state", interval=1)
 
 
 def run_log(flow_run_id) -> str:
@@ -272,10 +257,10 @@ def run_log(flow_run_id) -> str:
 
 def wait_for_log(flow_run_id, text: str, timeout: float = 120) -> None:
     """Log lines reach the server in batches after the run ends: poll for ``text`` up to a deadline."""
-    deadline = time.monotonic() + timeout
-    while text not in (log := run_log(flow_run_id)):
-        assert time.monotonic() < deadline, f"{text!r} not logged by flow run {flow_run_id} within {timeout:.0f} s:\n{log}"
-        time.sleep(1)
+    try:
+        wait_until(lambda: text in run_log(flow_run_id), timeout=timeout, what=f"{text!r} logged by flow run {flow_run_id}", interval=1)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; it logged:\n{run_log(flow_run_id)}") from None
 
 
 def trtforge_ci(stack: Stack, *args: str) -> subprocess.CompletedProcess:
@@ -333,10 +318,7 @@ def test_interval_schedule_fires_a_run(stack):
                 )
             return next((run for run in runs if run.auto_scheduled), None)
 
-        deadline = time.monotonic() + 60
-        while (fired := scheduled_run()) is None:
-            assert time.monotonic() < deadline, f"no scheduled run started within 60 s of an every-{SCHEDULE_SECONDS}-s schedule"
-            time.sleep(1)
+        fired = wait_until(scheduled_run, timeout=60, what=f"a run of the every-{SCHEDULE_SECONDS}-s schedule", interval=1)
     finally:
         with get_client(sync_client=True) as client:
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 
 from tests.forking import run_then_exit
 from tests.s3_server import TEST_BUCKET, running_seaweedfs
+from tests.waiting import wait_until
 from trtforge.errors import IntegrityError, NotFoundError, RegistryError, TrtforgeError
 from trtforge.registry import Maintenance, Publisher, RegistryReader, TargetArtifacts, open_registry, open_registry_store
 from trtforge.registry.manifest import read_manifest
@@ -345,20 +345,17 @@ def _publish_slowly(uri: str, folder: str) -> None:
     registry.publish(MODEL, [target], lineage=lineage("killed"), environment=ENVIRONMENT)
 
 
-def _wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_publisher_killed_mid_upload_leaves_no_version(registry_uri, tmp_path):
     registry = open_registry(registry_uri)
     publisher = multiprocessing.get_context("fork").Process(target=_publish_slowly, args=(registry_uri, str(tmp_path / "slow")))
     publisher.start()
     try:
-        _wait_for(lambda: any(u.key.endswith("/engine") for u in registry.store.pending_uploads("")), what="the upload to start")
+        wait_until(
+            lambda: any(u.key.endswith("/engine") for u in registry.store.pending_uploads("")),
+            timeout=30,
+            what="the upload to start",
+            interval=0.05,
+        )
     finally:
         os.kill(publisher.pid, signal.SIGKILL)
         publisher.join(30)
@@ -409,7 +406,7 @@ def test_server_stopped_mid_run_gives_a_clear_error(tmp_path, monkeypatch):
 
         publisher = threading.Thread(target=publish_slowly)
         publisher.start()
-        _wait_for(lambda: registry.store.pending_uploads(""), what="the upload to start")
+        wait_until(lambda: registry.store.pending_uploads(""), timeout=30, what="the upload to start", interval=0.05)
         server.stop(grace=0)
         publisher.join(120)
 

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
 from trtforge.flows.temporary_api import api_healthy
 
 from tests.conftest import REPO
+from tests.waiting import wait_until
 
 # One Prefect home for the module: its first use migrates the database.
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="trtforge-temporary-api-prefect-"))
@@ -172,10 +172,9 @@ def test_the_server_stops_itself_when_its_parent_is_killed():
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-    deadline = time.monotonic() + DEADLINE_S
-    while process_exists(int(server_pid)):
-        assert time.monotonic() < deadline, f"the server (pid {server_pid}) outlived its killed parent"
-        time.sleep(0.2)
+    wait_until(
+        lambda: not process_exists(int(server_pid)), timeout=DEADLINE_S, what=f"the server (pid {server_pid}) gone with its killed parent"
+    )
     assert not api_healthy(url)
 
 
@@ -195,10 +194,7 @@ def test_the_cli_exit_delivers_a_flows_last_logs_to_a_configured_server(tmp_path
         )
     try:
         assert server.stdout.readline().strip() == SERVER_NEEDED
-        deadline = time.monotonic() + DEADLINE_S
-        while not api_healthy(url):
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: api_healthy(url), timeout=DEADLINE_S, what="the server answering", process=server, log=tmp_path / "server.log")
         done = python(
             """
             from prefect import flow, get_run_logger

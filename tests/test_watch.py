@@ -12,6 +12,7 @@ import yaml
 
 from tests.conftest import DIGITS_SPEC
 from tests.s3_server import TEST_BUCKET
+from tests.waiting import wait_until
 from trtforge.errors import CheckpointError, SpecError
 from trtforge.spec import WatchSpec, parse_spec
 from trtforge.watch import glob_regex, local_checkpoint, newest_checkpoint, retrain_into
@@ -110,12 +111,23 @@ def test_local_checkpoint_is_the_file_itself(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def put_modified_after(client, key: str, body: bytes, *, after: str) -> None:
+    """Put ``key`` until its LastModified is later than ``after``'s: S3 times have one-second resolution, and the watcher
+    tells checkpoints (and a checkpoint from its replacement) apart by them."""
+    earlier = client.head_object(Bucket=TEST_BUCKET, Key=after)["LastModified"]
+
+    def stored_later() -> bool:
+        client.put_object(Bucket=TEST_BUCKET, Key=key, Body=body)
+        return client.head_object(Bucket=TEST_BUCKET, Key=key)["LastModified"] > earlier
+
+    wait_until(stored_later, timeout=30, what=f"{key} stored with a LastModified after {after}'s")
+
+
 def test_newest_on_s3_then_fetched_once_and_again_after_a_new_upload(s3_env, tmp_path):
     client = s3_env.client()
     prefix = f"watch-{uuid.uuid4().hex[:8]}/checkpoints"
     client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}/b-older.safetensors", Body=b"older weights")
-    time.sleep(1.1)  # S3 times have one-second resolution
-    client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}/a-newer.safetensors", Body=b"newer weights")
+    put_modified_after(client, f"{prefix}/a-newer.safetensors", b"newer weights", after=f"{prefix}/b-older.safetensors")
     client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}/.a-partial.safetensors", Body=b"partial")
     client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}/readme.txt", Body=b"not a checkpoint")
 
@@ -125,12 +137,13 @@ def test_newest_on_s3_then_fetched_once_and_again_after_a_new_upload(s3_env, tmp
     cache = tmp_path / "cache"
     local = local_checkpoint(found.uri, cache)
     assert local.read_bytes() == b"newer weights" and local.name == "a-newer.safetensors"
-    first_write = local.stat().st_mtime_ns
-    time.sleep(0.05)
-    assert local_checkpoint(found.uri, cache) == local and local.stat().st_mtime_ns == first_write, "fetched once"
+    first_write = local.stat()
+    assert local_checkpoint(found.uri, cache) == local, "fetched once"
+    again = local.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first_write.st_ino, first_write.st_mtime_ns), "fetched once: not rewritten"
 
-    time.sleep(1.1)
-    client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}/a-newer.safetensors", Body=b"replaced weights")
+    replaced_key = f"{prefix}/a-newer.safetensors"
+    put_modified_after(client, replaced_key, b"replaced weights", after=replaced_key)
     replaced = local_checkpoint(found.uri, cache)
     assert replaced != local and replaced.read_bytes() == b"replaced weights"
     assert not [p for p in cache.rglob("*") if p.name.endswith(".partial")]
