@@ -7,6 +7,7 @@ LIBRARY_MODULES = (
     "trtforge.calibration",
     "trtforge.ci",
     "trtforge.evalset",
+    "trtforge.headstart",
     "trtforge.lineage",
     "trtforge.localcache",
     "trtforge.parallelism",

@@ -35,7 +35,8 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.evalset import load_eval_set
-from trtforge.lineage import RunInputs, published_version, run_inputs, stage_spec_sha256
+from trtforge.headstart import export_work_dir
+from trtforge.lineage import RunInputs, published_version, run_inputs
 from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
 from trtforge.parallelism import parallel_jobs
 from trtforge.registry import open_registry
@@ -200,8 +201,7 @@ def retrain_to_engine(
 
 def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, artifacts, run_id, summary: RunSummary) -> None:
     logger = get_run_logger()
-    # Keyed like the export stage: a change that exports nothing new reuses the folder.
-    work_dir = artifacts / "work" / spec.name / f"{ckpt.sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
+    work_dir = export_work_dir(artifacts, spec, ckpt.sha256)
     work_dir.mkdir(parents=True, exist_ok=True)
     mark_used(work_dir)
     # The settings and data files first: a wrong array name or shape fails before minutes of export, not after.
@@ -214,7 +214,7 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     _check_compatibility(spec, simplified.onnx_path, summary, "fp32")
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     outcomes: list[TargetOutcome] = []
     planned: list[tuple[int, Target, str, Route, Conversion]] = []
     for index, target in enumerate(spec.targets):
@@ -278,6 +278,7 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
         StageTiming(
             stage=Stage.BUILD,
             seconds=time.perf_counter() - started,
+            started_at=started_at,
             detail=f"{len(pending)} target(s) converted, built and gated, {jobs} at a time",
         )
     )

@@ -10,6 +10,7 @@ timing and description in the run summary.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
+from trtforge import headstart
 from trtforge.hashing import sha256_file
 from trtforge.lineage import stage_cache_key, stage_spec_sha256
 from trtforge.spec import ModelSpec
@@ -55,10 +57,16 @@ def stage_task(stage: Stage, *, describe: Callable[[Any], str], cached: bool = F
     """Decorate a stage's task body (which calls one library function) into its Prefect task."""
 
     def decorate(body: Callable[..., Any]):
+        signature = inspect.signature(body)
+
         @functools.wraps(body)
         def run(*args: Any, **kwargs: Any) -> Any:
-            done = run_stage(stage, body, *args, **kwargs)
-            get_run_logger().info("%s: %s (%.1f s)", stage.value, describe(done.result), done.seconds)
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            taken = headstart.take(stage, dict(arguments.arguments))
+            done = taken or run_stage(stage, body, *args, **kwargs)
+            where = ", run while Prefect's API started" if taken else ""
+            get_run_logger().info("%s: %s (%.1f s%s)", stage.value, describe(done.result), done.seconds, where)
             return done.result
 
         prefect_task = task(name=stage.value, **(CACHED_OPTIONS if cached else {}), **options)(run)
@@ -82,8 +90,9 @@ def outputs_exist(result: Any) -> bool:
 
 
 def run_step(summary: RunSummary, stage_task: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run one stage task (again, if its cached result points at files deleted since) and record its timing."""
-    started = time.perf_counter()
+    """Run one stage task (again, if its cached result points at files deleted since) and record its timing: the
+    stage's own where the task took it from the head start."""
+    started_at, started = time.time(), time.perf_counter()
     state = stage_task(*args, return_state=True, **kwargs)
     result = state.result()
     if stage_task.cached and not outputs_exist(result):
@@ -91,6 +100,17 @@ def run_step(summary: RunSummary, stage_task: Any, *args: Any, **kwargs: Any) ->
         result = state.result()
     # Prefect's cache hits are states named "Cached"; stages with file caches say so in their result.
     cached = state.name == "Cached" or getattr(result, "cached", False) is True
-    timing = StageTiming(stage=stage_task.stage, seconds=time.perf_counter() - started, detail=stage_task.describe(result), cached=cached)
+    seconds = time.perf_counter() - started
+    head_started = headstart.taken(stage_task.stage)
+    if head_started is not None:
+        seconds, started_at = head_started.seconds, head_started.started_at
+    timing = StageTiming(
+        stage=stage_task.stage,
+        seconds=seconds,
+        started_at=started_at,
+        detail=stage_task.describe(result),
+        cached=cached,
+        head_start=head_started is not None,
+    )
     summary.stages.append(timing)
     return result

@@ -107,6 +107,11 @@ def test_given_checkpoint_is_used_and_cli_prints_json(tmp_path, digits_checkpoin
     assert set(payload["targets"][0]) >= {"tag", "backend", "precision", "status", "metrics"}
     assert "published version 1" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "never-written.safetensors").exists()
+    # The first stages ran before the flow, which took them: timed as the stages' own, not as the tasks' waits.
+    stages = {s["stage"]: s for s in payload["stages"]}
+    assert stages["retrain"]["head_start"] and stages["export"]["head_start"] and not stages["simplify"]["head_start"]
+    assert stages["export"]["started_at"] >= stages["retrain"]["started_at"] + stages["retrain"]["seconds"]
+    assert stages["export"]["seconds"] > 0.5
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0

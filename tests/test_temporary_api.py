@@ -125,11 +125,12 @@ def test_no_server_where_temporary_servers_are_turned_off():
     assert done.stdout.strip() == "None"
 
 
-def test_a_server_that_cannot_start_is_one_error_line_from_the_cli(tmp_path):
+def test_a_server_that_cannot_start_is_one_error_line_from_the_cli(tmp_path, digits_checkpoint):
     unwritable = tmp_path / "no-such-folder" / "prefect.db"
     env = clean_environment(PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{unwritable}")
+    command = ["run", "examples/digits/spec.yaml", "--checkpoint", str(digits_checkpoint), "--artifacts", str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, "-c", "from trtforge.cli import main; main()", "run", "examples/digits/spec.yaml", "--artifacts", str(tmp_path)],
+        [sys.executable, "-c", "from trtforge.cli import main; main()", *command],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -132,18 +132,29 @@ class _NoLinksTo(logging.Filter):
 
 
 @contextlib.contextmanager
-def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = True) -> Iterator[Any]:
+def _pipeline_flow(
+    module: str,
+    name: str,
+    command: str,
+    *,
+    runs_here: bool = True,
+    head_start: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Iterator[Any]:
     """A flow of the pipeline extra (with the core install, one line saying what to install), for the block.
 
     ``runs_here``: the flow runs in this process, so where no API is configured a temporary Prefect
     server starts before Prefect is imported here, boots while the flow's modules import, and
-    stops when the block ends.
+    stops when the block ends. ``head_start``: the flow's first stages (trtforge.headstart), for the
+    block, begun once the server's child has decided (it reads Prefect's settings meanwhile), so that
+    they run while the server boots and Prefect imports here.
     """
-    temporary_api = None
+    temporary_api, stack = None, contextlib.ExitStack()
     try:
         try:
             if runs_here:
                 temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
+            if head_start is not None:
+                stack.enter_context(head_start())
             flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
         except ModuleNotFoundError as err:
             missing = (err.name or "").split(".")[0]
@@ -161,6 +172,7 @@ def _pipeline_flow(module: str, name: str, command: str, *, runs_here: bool = Tr
     finally:
         if temporary_api is not None:
             temporary_api.stop()
+        stack.close()
 
 
 def _import_the_flows_library() -> None:
@@ -234,8 +246,12 @@ def run(
         # 20 s default is not always enough.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from trtforge.headstart import head_start
+
         try:
-            with _pipeline_flow("retrain_to_engine", "retrain_to_engine", "run") as retrain_to_engine:
+            with _pipeline_flow(
+                "retrain_to_engine", "retrain_to_engine", "run", head_start=lambda: head_start(loaded, checkpoint, artifacts)
+            ) as retrain_to_engine:
                 summary = retrain_to_engine(
                     spec_path=str(spec),
                     checkpoint=str(checkpoint) if checkpoint else None,

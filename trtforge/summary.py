@@ -39,6 +39,11 @@ class StageTiming(BaseModel):
     seconds: float
     detail: str = ""
     cached: bool = False
+    # When it started (epoch seconds): a run's stages overlap (a head start, parallel targets), so the time a run
+    # spent outside every stage is its wall time less the union of these intervals, not less their sum.
+    started_at: float | None = None
+    # Run before the flow took it (trtforge.headstart), while Prefect's API server started.
+    head_start: bool = False
 
 
 class FlaggedOpType(BaseModel):
@@ -129,7 +134,16 @@ class RunSummary(BaseModel):
                 }
                 for t in self.targets
             ],
-            "stages": [{"stage": s.stage.value, "seconds": round(s.seconds, 3), "cached": s.cached} for s in self.stages],
+            "stages": [
+                {
+                    "stage": s.stage.value,
+                    "seconds": round(s.seconds, 3),
+                    "started_at": s.started_at,
+                    "cached": s.cached,
+                    "head_start": s.head_start,
+                }
+                for s in self.stages
+            ],
         }
 
     def required_failures(self) -> list[TargetOutcome]:

@@ -22,6 +22,7 @@ from trtforge.serving import check_class_count, serving_info, stamp_onnx
 from trtforge.spec import ModelSpec
 
 STAGE = "export"
+EXPORTED_GRAPH = "model.onnx"
 
 
 class ExportResult(BaseModel):
@@ -230,7 +231,7 @@ def _export_onnx_impl(spec: ModelSpec, checkpoint: Path, out_dir: Path) -> Expor
     started = time.perf_counter()
     model = load_model(spec, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "model.onnx"
+    target = out_dir / EXPORTED_GRAPH
     example = random_inputs(spec.inputs, "opt", spec.export.seed)
     args = tuple(torch.from_numpy(example[i.name]) for i in spec.inputs)
     try:

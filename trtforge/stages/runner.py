@@ -53,6 +53,8 @@ class StageRun(Generic[T]):
     stage: Stage
     result: T
     seconds: float
+    # Wall-clock (epoch) seconds: stages that overlap, in threads or before the flow, can be told apart.
+    started_at: float
 
 
 def failed_stage(err: BaseException) -> Stage | None:
@@ -66,11 +68,11 @@ def failed_stage(err: BaseException) -> Stage | None:
 
 def run_stage(stage: Stage, function: Callable[..., T], *args: Any, **kwargs: Any) -> StageRun[T]:
     """Call one stage's library function; a project error leaves it with ``err.stage`` set to this stage."""
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     try:
         result = function(*args, **kwargs)
     except TrtforgeError as err:
         if getattr(err, "stage", None) is None:
             err.stage = stage.value
         raise
-    return StageRun(stage=stage, result=result, seconds=time.perf_counter() - started)
+    return StageRun(stage=stage, result=result, seconds=time.perf_counter() - started, started_at=started_at)
