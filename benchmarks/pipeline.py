@@ -11,8 +11,8 @@ a directory registry), runs:
 
 For each run it prints the wall time of the command, each stage's seconds (from the run's
 ``stages``), the orchestration seconds (wall minus the time some stage ran, the union of the
-stages' intervals: process start, imports, Prefect's server, task bookkeeping, teardown) and the ratios the pipeline promises: an
-unchanged re-run at most 5% of a cold one and under 2 s on digits; orchestration at most 10% of
+stages' intervals: process start, imports, Prefect's server, task bookkeeping, teardown) and
+the ratios the pipeline promises: an unchanged re-run at most 5% of a cold one and under 2 s on digits; orchestration at most 10% of
 a cold digits run and 3% of a cold ResNet-50 run.
 
 With ``--server persistent`` the runs use a ``prefect server start`` launched (and waited for)

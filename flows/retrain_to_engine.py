@@ -35,8 +35,7 @@ from trtforge.tasks.validate_calibration import validate_calibration_task
 from trtforge.backends.base import get_backend, target_tag
 from trtforge.errors import CalibrationError, RunFailed, TrtforgeError
 from trtforge.evalset import load_eval_set
-from trtforge.headstart import export_work_dir
-from trtforge.lineage import RunInputs, published_version, run_inputs
+from trtforge.lineage import RunInputs, export_work_dir, published_version, run_inputs
 from trtforge.localcache import cap_bytes_from_environment, mark_used, prune
 from trtforge.parallelism import parallel_jobs
 from trtforge.registry import open_registry

@@ -9,7 +9,8 @@ import pytest
 from tests.flow_harness import write_spec
 from trtforge.errors import CheckpointError
 from trtforge.hashing import sha256_file
-from trtforge.headstart import export_work_dir, head_start
+from trtforge.headstart import head_start
+from trtforge.lineage import export_work_dir
 from trtforge.spec import load_spec
 from trtforge.stages.export import EXPORTED_GRAPH
 from trtforge.stages.runner import Stage

@@ -23,19 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trtforge.lineage import stage_spec_sha256
+from trtforge.lineage import export_work_dir
 from trtforge.spec import ModelSpec
 from trtforge.stages.checkpoint import ensure_checkpoint
 from trtforge.stages.export import EXPORTED_GRAPH, export_onnx
 from trtforge.stages.runner import Stage, StageRun, run_stage
 
 HEAD_STARTED = (Stage.RETRAIN, Stage.EXPORT)
-
-
-def export_work_dir(artifacts: Path, spec: ModelSpec, checkpoint_sha256: str) -> Path:
-    """The folder a run's graphs and builds go in: keyed like the export stage, so a change that exports nothing new
-    reuses it."""
-    return artifacts / "work" / spec.name / f"{checkpoint_sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,12 @@ def stage_spec_sha256(spec: ModelSpec, stage: Stage) -> str:
     return digest
 
 
+def export_work_dir(artifacts: Path, spec: ModelSpec, checkpoint_sha256: str) -> Path:
+    """The folder a run's graphs and builds go in: keyed like the export stage, so a change that exports nothing new
+    reuses it."""
+    return artifacts / "work" / spec.name / f"{checkpoint_sha256[:16]}-{stage_spec_sha256(spec, Stage.EXPORT)[:16]}"
+
+
 def model_code_sha256(spec: ModelSpec) -> str:
     """The model factory's source: its file and the spec-folder modules it imports, or its distribution's version."""
     module_ref = spec.model.partition(":")[0]
