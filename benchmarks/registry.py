@@ -7,7 +7,8 @@ For each size and repetition, the same bytes go through
   rename): where the disk writes slower than the server sends, that, not the download, bounds a pull,
 * ``Publisher.publish`` (the file read once: hashed as its parts are sent, each part with its own
   SHA-256 that the server checks, the server's checksum compared, manifest, alias),
-* ``RegistryReader.pull`` into an empty cache (download hashed as it is written, atomic placement),
+* ``RegistryReader.pull`` into an empty cache (download hashed as it is written, atomic placement,
+  the placed file hard-linked into the cache),
 * ``RegistryReader.pull`` again with the cache warm into the same folder (what a redeploy
   costs: the blob's verified stat record and the placed file's record spare the SHA-256 and the
   copy; budget 0.2 s for 100 MiB),

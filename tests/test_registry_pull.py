@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -232,17 +233,52 @@ def published_plan(tmp_path: Path, plan: bytes):
     return registry
 
 
-def test_editing_a_pulled_engine_leaves_the_cache_intact(tmp_path):
+def test_a_first_pull_writes_the_engine_once_and_later_folders_get_their_own_copies(tmp_path):
     plan = b"plan bytes " * 1000
     registry = published_plan(tmp_path, plan)
     cache = tmp_path / "cache"
-    first = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
-    pulled = Path(first.path)
-    assert not os.path.samefile(pulled, cache_blob(cache, plan))
+    first = Path(registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache).path)
+    # The download went to disk once: the cache's blob is the placed file.
+    assert os.path.samefile(first, cache_blob(cache, plan))
 
+    second = registry.pull(MODEL, tmp_path / "second", cache_dir=cache)
+    assert second.cached
+    copy = Path(second.path)
+    assert not os.path.samefile(copy, cache_blob(cache, plan))
     # Same size, other bytes: a size-only check cannot tell.
-    pulled.write_bytes(plan.replace(b"plan", b"PLAN"))
+    copy.write_bytes(plan.replace(b"plan", b"PLAN"))
+    assert cache_blob(cache, plan).read_bytes() == plan == first.read_bytes()
+
+    again = registry.pull(MODEL, tmp_path / "second", cache_dir=cache)
+    assert again.cached
+    assert copy.read_bytes() == plan
+
+
+def test_editing_the_first_pulled_engine_in_place_costs_a_download_never_a_bad_copy(tmp_path):
+    plan = b"plan bytes " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    first = Path(registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache).path)
+    # In place, same size: the cache's blob (the same inode) is edited with it.
+    with open(first, "r+b") as handle:
+        handle.write(b"PLAN")
+
+    elsewhere = registry.pull(MODEL, tmp_path / "elsewhere", cache_dir=cache)
+    assert not next(f for f in elsewhere.files if f.name == "engine").cached
+    assert Path(elsewhere.path).read_bytes() == plan
     assert cache_blob(cache, plan).read_bytes() == plan
+
+    redeploy = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    assert redeploy.cached
+    assert first.read_bytes() == plan
+
+
+def test_deleting_the_first_deploy_folder_keeps_the_cache(tmp_path):
+    plan = b"kept plan " * 1000
+    registry = published_plan(tmp_path, plan)
+    cache = tmp_path / "cache"
+    registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
+    shutil.rmtree(tmp_path / "deploy")
 
     again = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
     assert again.cached

@@ -7,9 +7,11 @@ TensorRT is installed, engines it cannot deserialize (built by another TensorRT 
 not version-compatible) are refused by name.
 
 Fetching: a file missing from the local cache (keyed by SHA-256) is downloaded in one pass into
-a temp file beside its destination and into the cache, hashed as it is written and checked
-against the manifest; one found in the cache is copied (a reflink where the filesystem has them,
-else an in-kernel copy) and the copy hashed. Only once every file of the target is proven does
+a temp file beside its destination, hashed as it is written and checked against the manifest;
+the proven file then becomes the cache's blob too, by a hard link where the cache shares its
+filesystem (else a copy), so a cache-missing pull writes the engine once. One found in the cache
+is copied (a reflink where the filesystem has them, else an in-kernel copy) and the copy hashed:
+deploy folders never share a file with each other. Only once every file of the target is proven does
 each take its name by a rename (``trtforge.safeio``), so neither a corrupted object nor a
 damaged cache blob ever reaches the destination, and a repeated pull downloads nothing.
 
@@ -257,7 +259,8 @@ def default_cache_dir() -> Path:
 
 
 class BlobCache:
-    """Verified files by SHA-256, read-only; written only after their checksum matched a manifest.
+    """Verified files by SHA-256, written only after their checksum matched a manifest: read-only copies, or a hard
+    link to the file a cache-missing pull placed (see ``_keep``).
 
     Beside each blob, ``<sha256>.verified`` records the blob's stat at the moment its SHA-256
     was last checked; a lookup that finds the same stat skips re-hashing, any other stat (the
@@ -300,32 +303,63 @@ class BlobCache:
             return False
 
     def record_placement(self, dest: Path, entry: FileEntry) -> None:
-        self._write_record(self._placement_path(dest), {"sha256": entry.sha256, **_stat_record(dest.stat())})
+        """Record ``dest``'s stat as placed; where it is the cache's own blob (see ``_keep``), record the blob too,
+        after the rename into place, which changed the inode's ctime."""
+        placed = dest.stat()
+        self._write_record(self._placement_path(dest), {"sha256": entry.sha256, **_stat_record(placed)})
+        blob = self.path(entry.sha256)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(placed, blob.stat()):
+                self._write_record(self.record_path(entry.sha256), _stat_record(placed))
 
     def fetch(self, store: ObjectStore, key: str, entry: FileEntry, partial: Path) -> None:
-        """Download ``key`` in one pass into ``partial`` (a destination's temp file) and into the cache, hashed as it is
-        written; IntegrityError, with neither kept, unless it holds the manifest's bytes."""
-        blob = self.path(entry.sha256)
+        """Download ``key`` in one pass into ``partial`` (a destination's temp file), hashed as it is written;
+        IntegrityError, with nothing kept, unless it holds the manifest's bytes. The proven file then becomes the
+        cache's blob as well (see ``_keep``)."""
         try:
-            blob.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RegistryError(
                 f"cannot write to the pull cache {self.root}: {err.strerror}; pass --cache-dir or set {CACHE_ENV}"
             ) from None
+        with open(partial, "wb") as placed, ThreadPoolExecutor(max_workers=1) as flusher:
+            received = store.download_into(key, _FlushingWriter(placed, flusher))
+        if received.sha256 != entry.sha256 or {received.size, os.stat(partial).st_size} != {entry.size}:
+            raise IntegrityError(
+                f"{store.uri}/{key} is corrupted: it has {received.size} bytes with SHA-256 {received.sha256}, but the manifest "
+                f"records {entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
+                "another version"
+            )
+        self._keep(partial, entry)
+
+    def _keep(self, partial: Path, entry: FileEntry) -> None:
+        """Make the downloaded, proven ``partial`` the cache's blob of ``entry``: a hard link where the cache is on the
+        destination's filesystem, so a pull that misses the cache writes the engine once; else a copy.
+
+        The linked blob shares the first placed file's inode, so an in-place edit of that file changes the blob too.
+        Its stat record (taken in ``record_placement``, once the file has its name) then no longer matches, and the
+        next lookup hashes the blob and downloads the file again. Pulls into other folders get copies, never links,
+        so deploy folders never share a file with each other."""
+        blob = self.path(entry.sha256)
         # Not synced: every later use of the blob hashes the copy it makes (see copy), so a blob a crash damaged is
         # caught there and downloaded again.
-        with atomic_output(blob, durable=False) as incoming:
-            with open(partial, "wb") as placed, open(incoming, "wb") as cached, ThreadPoolExecutor(max_workers=1) as flusher:
-                received = store.download_into(key, _PlacingWriter(placed, cached, flusher))
-            sizes = {received.size, os.stat(partial).st_size, os.stat(incoming).st_size}
-            if received.sha256 != entry.sha256 or sizes != {entry.size}:
-                raise IntegrityError(
-                    f"{store.uri}/{key} is corrupted: it has {received.size} bytes with SHA-256 {received.sha256}, but the manifest "
-                    f"records {entry.size} bytes with SHA-256 {entry.sha256}; nothing was written. Re-publish the model, or pull "
-                    "another version"
-                )
-            incoming.chmod(0o444)
-        self._record(entry.sha256, blob)
+        try:
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(blob, durable=False) as incoming:
+                incoming.unlink()
+                try:
+                    os.link(partial, incoming)
+                    linked = True
+                except OSError:
+                    # Another filesystem, or one without hard links.
+                    _kernel_copy(partial, incoming)
+                    incoming.chmod(0o444)
+                    linked = False
+        except OSError:
+            # A cache that cannot take the file costs the next pull a download, not this one its result.
+            return
+        if not linked:
+            self._record(entry.sha256, blob)
 
     def copy(self, blob: Path, partial: Path, entry: FileEntry) -> bool:
         """Copy a cached blob into ``partial``: a reflink where the filesystem has them, else an in-kernel copy; never a
@@ -386,20 +420,18 @@ _FICLONE = 0x40049409
 _FLUSH_EVERY = 16 * 1024 * 1024
 
 
-class _PlacingWriter:
-    """Where a download goes: the destination's temp file and the cache's at once. The destination's
-    writeback starts as the data arrives, so the fsync that makes it durable has little left to wait for."""
+class _FlushingWriter:
+    """A destination's temp file to download into, whose writeback starts as the data arrives, so the fsync that
+    makes it durable has little left to wait for."""
 
-    def __init__(self, placed: BinaryIO, cached: BinaryIO, flusher: ThreadPoolExecutor):
+    def __init__(self, placed: BinaryIO, flusher: ThreadPoolExecutor):
         self._placed = placed
-        self._cached = cached
         self._flusher = flusher
         self._flushing: Future | None = None
         self._unflushed = 0
 
     def write(self, data: bytes) -> int:
         self._placed.write(data)
-        self._cached.write(data)
         self._unflushed += len(data)
         if self._unflushed >= _FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
             self._placed.flush()
