@@ -206,9 +206,9 @@ class DirectoryStore:
 
     @staticmethod
     def _copy_out(source: BinaryIO, handle: BinaryIO | Writable) -> TransferredFile:
-        written = HashingWriter(handle)
-        shutil.copyfileobj(source, written, _COPY_BLOCK)
-        return written.result()
+        with HashingWriter(handle) as written:
+            shutil.copyfileobj(source, written, _COPY_BLOCK)
+            return written.result()
 
     def pending_uploads(self, prefix: str) -> list[PendingUpload]:
         pending = []

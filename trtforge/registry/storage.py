@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -92,20 +94,46 @@ class Writable(Protocol):
 
 
 class HashingWriter:
-    """A file to download into that hashes the bytes it writes, in the order they are written.
+    """A file to download into that hashes the bytes it writes, in the order they are written; use it as a
+    context manager and take ``result()`` inside the block.
 
     It says it cannot seek, so boto3's transfer manager hands it the parts of a parallel
     ranged download in file order (``download_fileobj`` buffers those that arrive early).
+    The SHA-256 runs in a thread of its own (hashlib lets go of the GIL), so the one thread
+    that writes a download's bytes does not also hash them: on a 2-core machine that was
+    the 0.5 s per GiB a pull took over a plain download.
     """
+
+    _QUEUED_CHUNKS = 4
 
     def __init__(self, handle: BinaryIO | Writable):
         self._handle = handle
         self._digest = hashlib.sha256()
         self._size = 0
+        # Bounded, so a hash that falls behind slows the download rather than filling memory.
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUED_CHUNKS)
+        self._hasher = threading.Thread(target=self._hash, name="trtforge-sha256", daemon=True)
+
+    def __enter__(self) -> HashingWriter:
+        self._hasher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._finish()
+
+    def _hash(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._digest.update(chunk)
+
+    def _finish(self) -> None:
+        if self._hasher.is_alive():
+            self._chunks.put(None)
+            self._hasher.join()
 
     def write(self, data: bytes) -> int:
-        self._digest.update(data)
         self._handle.write(data)
+        # A copy only where the caller may reuse its buffer once write returns.
+        self._chunks.put(data if isinstance(data, bytes) else bytes(data))
         self._size += len(data)
         return len(data)
 
@@ -113,6 +141,7 @@ class HashingWriter:
         return False
 
     def result(self) -> TransferredFile:
+        self._finish()
         return TransferredFile(self._digest.hexdigest(), self._size)
 
 
