@@ -8,6 +8,7 @@ its own, as a CI job does, and reads its stderr.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -96,3 +97,17 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and "Traceback" in flag.stderr
     assert error_lines(quiet) == error_lines(loud) == error_lines(flag) and len(error_lines(quiet)) == 1
+
+
+def test_a_registry_that_is_no_uri_is_refused_before_any_training(tmp_path):
+    example = tmp_path / "digits"
+    shutil.copytree(REPO / "examples" / "digits", example, ignore=shutil.ignore_patterns("checkpoints"))
+    spec = example / "spec.yaml"
+    spec.write_text(spec.read_text().replace("../../calibration_data", str(REPO / "calibration_data")))
+    folder = tmp_path / "registry"
+    for command in (["run", str(spec)], ["ci", "--spec", str(spec), "--checkpoint", str(example / "checkpoints" / "x.pt")]):
+        done = trtforge(*command, "--registry", str(folder), "--artifacts", str(tmp_path / "artifacts"), tmp_path=tmp_path)
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert error_lines(done) == [f"error: registry URI '{folder}' is not file://PATH or s3://BUCKET/PREFIX (for a folder: file://{folder})"]
+        assert not (example / "checkpoints").exists() and not folder.exists()

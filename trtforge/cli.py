@@ -189,12 +189,14 @@ def _already_published(spec, checkpoint: Path, registry: str | None):
     inputs (else None), and the inputs, hashed once here for the flow to reuse (None without a checkpoint yet)."""
     from trtforge.lineage import published_version, run_inputs
     from trtforge.registry import open_registry
+    from trtforge.registry.storage import check_store_uri
     from trtforge.stages.publish import registry_uri
     from trtforge.summary import RunSummary
 
+    uri = registry_uri(spec, registry)
+    check_store_uri(uri)  # a mistyped --registry fails now, not after the training
     if not Path(checkpoint).is_file():
         return None, None
-    uri = registry_uri(spec, registry)
     inputs = run_inputs(spec, Path(checkpoint))
     version = published_version(open_registry(uri), spec, inputs)
     if version is None:
@@ -313,11 +315,13 @@ def ci_command(
     """Build a new checkpoint for CI; exit 0 only if every required target passed and the version was published (or already was)."""
     from trtforge.ci import ci_passed, write_junit, write_markdown
     from trtforge.errors import RunFailed
+    from trtforge.registry.storage import check_store_uri
     from trtforge.spec import load_spec
     from trtforge.stages.publish import registry_uri
 
     loaded = load_spec(spec)
     uri = registry_uri(loaded, registry)
+    check_store_uri(uri)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if deployment is not None:

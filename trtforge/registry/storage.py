@@ -193,19 +193,31 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_store_uri(uri: str) -> None:
+    """RegistryError unless ``uri`` is a store URI ``open_store`` takes; connects to nothing, so a run checks it
+    before any of its work."""
+    if uri.startswith("file://"):
+        if not uri.removeprefix("file://"):
+            raise RegistryError("registry URI 'file://' names no folder: use file://PATH, e.g. file://artifacts/registry")
+        return
+    if uri.startswith("s3://"):
+        from trtforge.registry.s3 import parse_s3_uri
+
+        parse_s3_uri(uri)
+        return
+    hint = f" (for a folder: file://{uri})" if "://" not in uri else ""
+    raise RegistryError(f"registry URI {uri!r} is not file://PATH or s3://BUCKET/PREFIX{hint}")
+
+
 def open_store(uri: str, transfer: TransferSettings | None = None) -> ObjectStore:
     """``file://PATH`` (relative to the working directory) or ``s3://BUCKET[/PREFIX]``."""
+    check_store_uri(uri)
     transfer = transfer or TransferSettings()
     if uri.startswith("file://"):
-        path = uri.removeprefix("file://")
-        if not path:
-            raise RegistryError("registry URI 'file://' names no folder: use file://PATH, e.g. file://artifacts/registry")
         from trtforge.registry.directory import DirectoryStore
 
-        return DirectoryStore(Path(os.path.abspath(path)), transfer)
-    if uri.startswith("s3://"):
-        from trtforge.registry.s3 import S3Store, parse_s3_uri
+        return DirectoryStore(Path(os.path.abspath(uri.removeprefix("file://"))), transfer)
+    from trtforge.registry.s3 import S3Store, parse_s3_uri
 
-        bucket, prefix = parse_s3_uri(uri)
-        return S3Store(bucket, prefix, transfer)
-    raise RegistryError(f"registry URI {uri!r} is not file://PATH or s3://BUCKET/PREFIX")
+    bucket, prefix = parse_s3_uri(uri)
+    return S3Store(bucket, prefix, transfer)
