@@ -8,8 +8,8 @@ its own, as a CI job does, and reads its stderr.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,5 +109,7 @@ def test_a_registry_that_is_no_uri_is_refused_before_any_training(tmp_path):
         done = trtforge(*command, "--registry", str(folder), "--artifacts", str(tmp_path / "artifacts"), tmp_path=tmp_path)
         assert done.returncode == 1
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
-        assert error_lines(done) == [f"error: registry URI '{folder}' is not file://PATH or s3://BUCKET/PREFIX (for a folder: file://{folder})"]
+        assert error_lines(done) == [
+            f"error: registry URI '{folder}' is not file://PATH or s3://BUCKET/PREFIX (for a folder: file://{folder})"
+        ]
         assert not (example / "checkpoints").exists() and not folder.exists()
