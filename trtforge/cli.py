@@ -149,30 +149,31 @@ def _pipeline_flow(
     they run while the server boots and Prefect imports here.
     """
     temporary_api, stack = None, contextlib.ExitStack()
-    try:
+    # The stack sees how the block ended: an interrupted run stops its head start rather than waiting for it.
+    with stack:
         try:
-            if runs_here:
-                temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
-            if head_start is not None:
-                stack.enter_context(head_start())
-            flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
-        except ModuleNotFoundError as err:
-            missing = (err.name or "").split(".")[0]
-            if missing.startswith("trtforge"):
-                raise
-            raise TrtforgeError(
-                f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
-            ) from None
-        _quiet_console_tracebacks()
-        if temporary_api is not None:
-            temporary_api.wait_ready()
-            for handler in _console_handlers():
-                handler.addFilter(_NoLinksTo(temporary_api.address))
-        yield flow
-    finally:
-        if temporary_api is not None:
-            temporary_api.stop()
-        stack.close()
+            try:
+                if runs_here:
+                    temporary_api = importlib.import_module("trtforge.flows.temporary_api").TemporaryApi.start(_import_the_flows_library)
+                if head_start is not None:
+                    stack.enter_context(head_start())
+                flow = getattr(importlib.import_module(f"trtforge.flows.{module}"), name)
+            except ModuleNotFoundError as err:
+                missing = (err.name or "").split(".")[0]
+                if missing.startswith("trtforge"):
+                    raise
+                raise TrtforgeError(
+                    f"'trtforge {command}' needs the pipeline extra, which is not installed (no module {missing!r}): pip install 'trtforge[pipeline]'"
+                ) from None
+            _quiet_console_tracebacks()
+            if temporary_api is not None:
+                temporary_api.wait_ready()
+                for handler in _console_handlers():
+                    handler.addFilter(_NoLinksTo(temporary_api.address))
+            yield flow
+        finally:
+            if temporary_api is not None:
+                temporary_api.stop()
 
 
 def _import_the_flows_library() -> None:

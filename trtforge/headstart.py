@@ -16,6 +16,7 @@ the flow's export task is a cache hit, and a head start would export for nothing
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -103,6 +104,15 @@ class HeadStart:
         self._ended.set()
         self._thread.join()
 
+    def interrupt(self) -> None:
+        """Stop the running stage the way Ctrl-C stops one on the main thread: KeyboardInterrupt, raised in the head
+        start's thread at its next Python step (a training loop's next batch; an export's wait for its child, which
+        it then kills). ``finish`` then waits only for that stage's cleanup, not for the training to end."""
+        self._ended.set()
+        if self._thread.ident is not None and self._thread.is_alive():
+            # CPython's documented way to raise in another thread; signals reach only the main thread.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident), ctypes.py_object(KeyboardInterrupt))
+
 
 _current: HeadStart | None = None
 
@@ -116,6 +126,9 @@ def head_start(spec: ModelSpec, checkpoint: Path | None, artifacts: Path) -> Ite
     _current = started
     try:
         yield started
+    except KeyboardInterrupt:
+        started.interrupt()
+        raise
     finally:
         _current = None
         started.finish()

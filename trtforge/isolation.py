@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +81,7 @@ def run_isolated(
         sender.close()
         answered = False
         try:
-            if not receiver.poll(timeout_s):
+            if not _wait_for_answer(receiver, timeout_s):
                 process.kill()
                 process.join()
                 raise StageError(stage, f"timed out after {timeout_s:.0f} s; last output:\n{_tail(log_path)}")
@@ -103,6 +104,22 @@ def run_isolated(
             raise _user_error(stage, *payload)
         detail, child_traceback = payload
         raise StageError(stage, f"failed in the child process: {detail}\n{child_traceback.strip()}")
+
+
+# How long a wait for the child blocks in C at a time: a KeyboardInterrupt raised in a waiting thread other than the
+# main one (see trtforge.headstart) takes effect only between two waits.
+_WAIT_SLICE_S = 0.1
+
+
+def _wait_for_answer(receiver, timeout_s: float | None) -> bool:
+    """Whether the child answered (or died) within ``timeout_s`` (None: no limit)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = _WAIT_SLICE_S if deadline is None else min(_WAIT_SLICE_S, deadline - time.monotonic())
+        if receiver.poll(max(left, 0.0)):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def _user_error(stage: str, module: str, qualname: str, message: str) -> TrtforgeError:
