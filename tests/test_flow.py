@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -156,10 +157,17 @@ def test_degraded_checkpoint_fails_its_gate_and_publishes_nothing(tmp_path, digi
     degraded = tmp_path / "degraded.safetensors"
     save_file(state, str(degraded))
     spec = write_spec(tmp_path / "spec", degraded)
-    with pytest.raises(RunFailed, match=r"top-1 accuracy 0\.\d+ < threshold 0\.9500 \(PyTorch FP32 reference 0\.\d+\)") as caught:
-        run_flow(spec, tmp_path)
-    (target,) = caught.value.summary.targets
-    assert target.metrics["accuracy"] < 0.93, "the perturbation must cost several points"
+    # Through `trtforge ci`, which builds a local checkpoint in the watch flow: its export is head-started too.
+    args = ["ci", "--spec", str(spec), "--checkpoint", str(degraded), "--registry", f"file://{tmp_path / 'registry'}"]
+    result = CliRunner().invoke(app, [*args, "--artifacts", str(tmp_path / "artifacts"), "--json"])
+    assert result.exit_code == 1, result.output
+    payload = json.loads(result.stdout)
+    assert re.search(r"top-1 accuracy 0\.\d+ < threshold 0\.9500 \(PyTorch FP32 reference 0\.\d+\)", payload["message"])
+    (target,) = payload["targets"]
+    assert target["metrics"]["accuracy"] < 0.93, "the perturbation must cost several points"
     assert open_registry(f"file://{tmp_path / 'registry'}").versions("digits-cnn") == []
-    report = (caught.value.summary.run_dir / "report.md").read_text()
+    stages = {s["stage"]: s for s in payload["stages"]}
+    assert stages["export"]["head_start"] and not stages["simplify"]["head_start"]
+    (report_file,) = (tmp_path / "artifacts" / "runs" / "digits-cnn").glob("*/report.md")
+    report = report_file.read_text()
     assert "not published" in report and "top-1 accuracy" in report

@@ -338,8 +338,14 @@ def ci_command(
     elif "://" not in checkpoint and (published := _already_published(loaded, Path(checkpoint), uri)[0]) is not None:
         summary = published
     else:
+        from trtforge.headstart import head_start
+
+        # A local checkpoint is the one the watch flow builds from: its export can start before the flow does.
+        local = None if "://" in checkpoint else Path(checkpoint)
         try:
-            with _pipeline_flow("watch", "watch", "ci") as watch:
+            with _pipeline_flow(
+                "watch", "watch", "ci", head_start=(lambda: head_start(loaded, local, artifacts)) if local is not None else None
+            ) as watch:
                 summary = watch(spec_path=str(spec), checkpoint=checkpoint, registry=uri, artifacts_dir=str(artifacts))
         except RunFailed as err:
             summary = err.summary
