@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -271,6 +272,26 @@ def test_editing_the_first_pulled_engine_in_place_costs_a_download_never_a_bad_c
     redeploy = registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache)
     assert redeploy.cached
     assert first.read_bytes() == plan
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def test_a_cache_on_another_filesystem_gets_a_read_only_copy(tmp_path):
+    if not SHARED_MEMORY.is_dir() or SHARED_MEMORY.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no /dev/shm on a filesystem other than the test's temporary folder")
+    plan = b"copied plan " * 1000
+    registry = published_plan(tmp_path, plan)
+    with tempfile.TemporaryDirectory(dir=SHARED_MEMORY) as elsewhere:
+        cache = Path(elsewhere) / "cache"
+        first = Path(registry.pull(MODEL, tmp_path / "deploy", cache_dir=cache).path)
+        blob = cache_blob(cache, plan)
+        # No hard link across filesystems: the cache holds its own copy, which the deployed file's edits leave alone.
+        assert not os.path.samefile(first, blob) and blob.read_bytes() == plan
+        assert not blob.stat().st_mode & 0o222
+        first.write_bytes(plan.replace(b"plan", b"PLAN"))
+        again = registry.pull(MODEL, tmp_path / "again", cache_dir=cache)
+        assert again.cached and Path(again.path).read_bytes() == plan
 
 
 def test_deleting_the_first_deploy_folder_keeps_the_cache(tmp_path):
