@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -214,65 +215,83 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
     reference = run_step(summary, reference_task, spec, ckpt, artifacts / "cache" / spec.name)
 
     started_at, started = time.time(), time.perf_counter()
-    outcomes: list[TargetOutcome] = []
-    planned: list[tuple[int, Target, str, Route, Conversion]] = []
+    # Each target's outcome by its place in the spec, which is the order the run reports them in.
+    placed: dict[int, TargetOutcome] = {}
+    # Each target's build starts as soon as its conversion is done, under one bound with the conversions still to run.
+    by_conversion: dict[Conversion, list[tuple[int, Target, str, Route]]] = {}
     for index, target in enumerate(spec.targets):
         backend = get_backend(target.backend)
         tag = target_tag(target, spec, backend.runtime_version())
         route = route_target(target, backend.availability(target), deployment_problem)
         if route.kind is RouteKind.UNAVAILABLE:
             logger.warning("target %s: unavailable: %s (%s)", tag, route.reason, "; ".join(route.details))
-            outcomes.append(_outcome(target, tag, TargetStatus.UNAVAILABLE, route.reason, route.details))
+            placed[index] = _outcome(target, tag, TargetStatus.UNAVAILABLE, route.reason, route.details)
             continue
         # By precision and quantizer: onnxruntime CPU int8 is onnxruntime's quantizer's, TensorRT's is ModelOpt's.
-        planned.append((index, target, tag, route, (target.precision, quantizer_for(backend))))
-    converted, conversion_failures = _convert_all(spec, simplified.onnx_path, [p[-1] for p in planned], artifacts, summary, jobs)
+        by_conversion.setdefault((target.precision, quantizer_for(backend)), []).append((index, target, tag, route))
     # TensorRT parses the converted graph (Q/DQ for int8/fp8, casts for fp16): each is checked once.
     tensorrt_refusals: dict[Precision, str | None] = {Precision.FP32: None}
-    requests: list[tuple[Target, str, Route, BuildRequest]] = []
-    for index, target, tag, route, conversion in planned:
-        if conversion in conversion_failures:
-            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, conversion_failures[conversion]))
-            continue
-        onnx_path = converted[conversion]
-        if target.backend == "tensorrt":
-            if target.precision not in tensorrt_refusals:
-                try:
-                    _check_compatibility(spec, onnx_path, summary, target.precision.value)
-                    tensorrt_refusals[target.precision] = None
-                except TrtforgeError as err:
-                    tensorrt_refusals[target.precision] = _stage_failure(err, Stage.CHECK_OPS)
-            if tensorrt_refusals[target.precision] is not None:
-                outcomes.append(_outcome(target, tag, TargetStatus.FAILED, tensorrt_refusals[target.precision]))
-                continue
-        request = BuildRequest(
-            spec_path=spec_path,
-            target_index=index,
-            onnx_path=onnx_path,
-            reference=reference,
-            work_dir=work_dir / (tag if route.kind is RouteKind.LOCAL else f"remote-{index}"),
-            previous=previous_release(store, spec.name, tag, spec.compare_alias),
-            registry=uri,
-            # Timed here once every conversion and build of the run is over; a GPU worker times its own.
-            time_engine=route.kind is not RouteKind.LOCAL,
+
+    def builds_of(conversion: Conversion, future: PrefectFuture) -> list[tuple[Any, Callable[[], PrefectFuture]]]:
+        try:
+            result = future.result()
+        except TrtforgeError as err:
+            logger.warning("convert-precision %s: failed: %s", conversion[0].value, err)
+            for index, target, tag, _ in by_conversion[conversion]:
+                placed[index] = _outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.CONVERT_PRECISION))
+            return []
+        summary.conversions.append(_conversion_summary(result, []))
+        builds = []
+        for index, target, tag, route in by_conversion[conversion]:
+            if target.backend == "tensorrt":
+                if target.precision not in tensorrt_refusals:
+                    try:
+                        _check_compatibility(spec, result.onnx_path, summary, target.precision.value)
+                        tensorrt_refusals[target.precision] = None
+                    except TrtforgeError as err:
+                        tensorrt_refusals[target.precision] = _stage_failure(err, Stage.CHECK_OPS)
+                if tensorrt_refusals[target.precision] is not None:
+                    placed[index] = _outcome(target, tag, TargetStatus.FAILED, tensorrt_refusals[target.precision])
+                    continue
+            request = BuildRequest(
+                spec_path=spec_path,
+                target_index=index,
+                onnx_path=result.onnx_path,
+                reference=reference,
+                work_dir=work_dir / (tag if route.kind is RouteKind.LOCAL else f"remote-{index}"),
+                previous=previous_release(store, spec.name, tag, spec.compare_alias),
+                registry=uri,
+                # Timed here once every conversion and build of the run is over; a GPU worker times its own.
+                time_engine=route.kind is not RouteKind.LOCAL,
+            )
+            builds.append(((index, target, tag, route, request), functools.partial(_submit, route, request, spec.name, run_id)))
+        return builds
+
+    cache_dir = _precision_cache(spec, artifacts)
+    conversions = [
+        (
+            (precision, quantizer),
+            functools.partial(
+                convert_precision_task.submit, spec, simplified.onnx_path, precision, cache_dir, exact_node_patterns([]), quantizer
+            ),
         )
-        requests.append((target, tag, route, request))
-    futures = _bounded(jobs, [functools.partial(_submit, route, request, spec.name, run_id) for _, _, route, request in requests])
-    pending = [(*planned_build, future) for planned_build, future in zip(requests, futures)]
+        for precision, quantizer in by_conversion
+    ]
+    pending = _pipelined(jobs, conversions, builds_of)
     ladder = Ladder(spec, simplified.onnx_path, artifacts, summary, run_id)
-    built_here: list[tuple[Target, int]] = []
-    for target, tag, route, request, future in pending:
+    built_here: list[tuple[int, Target]] = []
+    for (index, target, tag, route, request), future in sorted(pending, key=lambda item: item[0][0]):
         try:
             outcome = future.result()
         except TrtforgeError as err:
             logger.warning("target %s: failed: %s", tag, err)
-            outcomes.append(_outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.BUILD)))
+            placed[index] = _outcome(target, tag, TargetStatus.FAILED, _stage_failure(err, Stage.BUILD))
             continue
         if target.precision.needs_calibration and outcome.status is TargetStatus.FAILED and outcome.failures:
             outcome = ladder.climb(target, route, request, outcome)
-        outcomes.append(outcome)
+        placed[index] = outcome
         if route.kind is RouteKind.LOCAL:
-            built_here.append((target, len(outcomes) - 1))
+            built_here.append((index, target))
     summary.stages.append(
         StageTiming(
             stage=Stage.BUILD,
@@ -282,8 +301,9 @@ def _build_and_publish(spec, spec_path, ckpt, inputs: RunInputs, store, uri, art
         )
     )
     # Nothing else of the run executes now: each engine built here is timed alone, one after another.
-    for target, position in built_here:
-        outcomes[position] = _time_alone(spec, target, outcomes[position], summary)
+    for index, target in sorted(built_here, key=lambda built: built[0]):
+        placed[index] = _time_alone(spec, target, placed[index], summary)
+    outcomes = [placed[index] for index in sorted(placed)]
     summary.targets = outcomes
     apply_speedup_gates(spec, outcomes)
 
@@ -428,40 +448,31 @@ class Ladder:
         return outcome
 
 
-def _bounded(jobs: int, submissions: list[Callable[[], PrefectFuture]]) -> list[PrefectFuture]:
-    """Make each submission in order, with at most ``jobs`` of their futures unfinished at once."""
-    futures: list[PrefectFuture] = []
-    for submit in submissions:
-        running = [f.wrapped_future for f in futures if not f.wrapped_future.done()]
-        if len(running) >= jobs:
-            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-        futures.append(submit())
-    return futures
-
-
-def _convert_all(
-    spec: ModelSpec, onnx_path: Path, conversions: list[Conversion], artifacts: Path, summary: RunSummary, jobs: int
-) -> tuple[dict[Conversion, Path], dict[Conversion, str]]:
-    """Each distinct conversion once, at most ``jobs`` at a time: the converted graphs, and the failed conversions' reasons
-    (a failed conversion fails the targets that need it, not the run)."""
-    wanted = list(dict.fromkeys(conversions))
-    cache_dir = _precision_cache(spec, artifacts)
-    submissions = [
-        functools.partial(convert_precision_task.submit, spec, onnx_path, precision, cache_dir, exact_node_patterns([]), quantizer)
-        for precision, quantizer in wanted
-    ]
-    converted: dict[Conversion, Path] = {}
-    failures: dict[Conversion, str] = {}
-    for conversion, future in zip(wanted, _bounded(jobs, submissions)):
-        try:
-            result = future.result()
-        except TrtforgeError as err:
-            get_run_logger().warning("convert-precision %s: failed: %s", conversion[0].value, err)
-            failures[conversion] = _stage_failure(err, Stage.CONVERT_PRECISION)
-            continue
-        summary.conversions.append(_conversion_summary(result, []))
-        converted[conversion] = result.onnx_path
-    return converted, failures
+def _pipelined(
+    jobs: int,
+    first: list[tuple[Any, Callable[[], PrefectFuture]]],
+    then: Callable[[Any, PrefectFuture], list[tuple[Any, Callable[[], PrefectFuture]]]],
+) -> list[tuple[Any, PrefectFuture]]:
+    """Make ``first``'s submissions and, as each of them finishes, the submissions ``then`` makes of it (a conversion's
+    builds), with at most ``jobs`` futures unfinished at once; follow-ups go before the firsts still waiting, so a
+    target's build does not wait for other targets' conversions. Returns each follow-up's key and future."""
+    waiting, ready = list(first), []
+    running: dict[concurrent.futures.Future, tuple[bool, Any, PrefectFuture]] = {}
+    followed: list[tuple[Any, PrefectFuture]] = []
+    while waiting or ready or running:
+        while len(running) < jobs and (ready or waiting):
+            is_first = not ready
+            key, submit = (waiting if is_first else ready).pop(0)
+            future = submit()
+            running[future.wrapped_future] = (is_first, key, future)
+            if not is_first:
+                followed.append((key, future))
+        done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+        for finished in done:
+            is_first, key, future = running.pop(finished)
+            if is_first:
+                ready.extend(then(key, future))
+    return followed
 
 
 def _precision_cache(spec: ModelSpec, artifacts: Path) -> Path:
