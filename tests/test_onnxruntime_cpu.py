@@ -23,11 +23,12 @@ from trtforge.backends.base import get_backend
 from trtforge.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeTarget
 from trtforge.evalset import load_eval_set
 from trtforge.registry import open_registry
-from trtforge.spec import Precision, PrecisionOptions
+from trtforge.spec import Precision, PrecisionOptions, parse_spec
 from trtforge.stages.convert_precision import (
     ConversionResult,
     Quantizer,
     convert_precision,
+    global_means_as_global_average_pools,
     onnxruntime_int8_settings,
     output_tail,
     quantizer_for,
@@ -177,6 +178,98 @@ def test_what_follows_the_last_compute_op_stays_out_of_int8():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     assert sorted(output_tail(graph.node)) == ["concat", "decode_boxes", "scores"]
+
+
+def test_a_global_mean_becomes_an_int8_global_average_pool_in_the_nhwc_layout(tmp_path):
+    """torch exports a global average pooling as ReduceMean; quantized as GlobalAveragePool, onnxruntime keeps the int8
+    feature map in NHWC through the pooling instead of transposing it back to NCHW first."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 4),
+    ).eval()
+    source = tmp_path / "model.onnx"
+    torch.onnx.export(
+        model,
+        (torch.randn(1, 3, 16, 16),),
+        str(source),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=16)},),
+        dynamo=True,
+        external_data=False,
+    )
+    (mean,) = [node.name for node in onnx.load(source).graph.node if node.op_type == "ReduceMean"]
+    spec = parse_spec(
+        {
+            "name": "pooled",
+            "model": "torch.nn:Sequential",
+            "checkpoint": "random-weights",
+            "inputs": [{"name": "input", "shape": ["batch", 3, 16, 16], "dynamic": {"batch": {"min": 1, "opt": 8, "max": 16}}}],
+            "outputs": [{"name": "logits"}],
+            "eval": {"data": "none.npz"},
+            "targets": [{}],
+        }
+    )
+    images = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    converted = convert_precision(
+        source,
+        Precision.INT8,
+        {"input": images},
+        PrecisionOptions(),
+        spec=spec,
+        cache_dir=tmp_path / "cache",
+        quantizer=Quantizer.ONNXRUNTIME,
+    )
+    pools = [node for node in onnx.load(converted.onnx_path).graph.node if node.op_type == "GlobalAveragePool"]
+    assert [node.name for node in pools] == [mean]
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = onnxruntime.InferenceSession(str(converted.onnx_path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx").graph.node
+    (pool,) = [node for node in optimized if node.op_type == "QLinearGlobalAveragePool"]
+    assert onnx.helper.get_attribute_value(next(a for a in pool.attribute if a.name == "channels_last")) == 1
+    producers = {output: node for node in optimized for output in node.output}
+    assert producers[pool.input[0]].op_type == "QLinearConv", "the feature map was transposed before the pooling"
+    quantized = session.run(None, {"input": images})[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    cosine = (quantized * expected).sum(1) / (np.linalg.norm(quantized, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.99, cosine
+
+
+def test_only_a_mean_over_every_spatial_axis_that_keeps_them_is_rewritten():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("ReduceMean", ["x"], ["global"], name="global_mean", axes=[-2, -1], keepdims=1),
+            node("ReduceMean", ["x"], ["squeezed"], name="squeezed_mean", axes=[2, 3], keepdims=0),
+            node("ReduceMean", ["x"], ["channels"], name="channel_mean", axes=[1], keepdims=1),
+            node("ReduceMean", ["x", "rows_axes"], ["rows"], name="row_mean"),
+            node("ReduceMean", ["x", "spatial_axes"], ["spatial"], name="spatial_mean"),
+        ],
+        "means",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("global", "squeezed", "channels", "rows", "spatial")],
+        initializer=[
+            helper.make_tensor("rows_axes", TensorProto.INT64, [1], [2]),
+            helper.make_tensor("spatial_axes", TensorProto.INT64, [2], [2, 3]),
+        ],
+    )
+    assert global_means_as_global_average_pools(graph) == ["global_mean", "spatial_mean"]
+    assert [n.op_type for n in graph.node] == ["GlobalAveragePool", "ReduceMean", "ReduceMean", "ReduceMean", "GlobalAveragePool"]
+    assert [init.name for init in graph.initializer] == ["rows_axes"]
 
 
 def test_ladder_exclusions_name_nodes_of_the_onnxruntime_graph(digits_onnx, digits_spec, calibration, cache, ort_int8):

@@ -429,7 +429,10 @@ def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[
             if "symbolic shape inference" not in str(err).lower():
                 raise
             quant_pre_process(source, str(preprocessed), skip_symbolic_shape=True)
-    nodes = onnx.load(str(preprocessed), load_external_data=False).graph.node
+    model = onnx.load(str(preprocessed), load_external_data=False)
+    if global_means_as_global_average_pools(model.graph):
+        onnx.save(model, str(preprocessed))
+    nodes = model.graph.node
     excluded = [node.name for node in nodes if node.op_type in options.exclude_op_types] + output_tail(nodes)
     for pattern in options.exclude_nodes:
         regex = re.compile(pattern)
@@ -454,6 +457,50 @@ def _quantize_with_onnxruntime(source: str, destination: str, batch_files: list[
         calibrate_method=CalibrationMethod[ONNXRUNTIME_CALIBRATION_METHODS[options.calibration_method]],
         calibration_providers=["CPUExecutionProvider"],
     )
+
+
+def global_means_as_global_average_pools(graph) -> list[str]:
+    """Rewrite, in ``graph``, each ReduceMean over every spatial axis that keeps its dimensions as the GlobalAveragePool
+    it equals, and return the rewritten nodes' names (kept, so that exclusions still match them).
+
+    torch's exporter writes a global average pooling (ResNet's, EfficientNet's) as ReduceMean. onnxruntime's int8
+    convolutions run NHWC, and its NHWC layout has an int8 GlobalAveragePool but no ReduceMean, so before a ReduceMean
+    it transposes the last feature map back to NCHW: 1.6 ms of a 33 ms int8 ResNet-18 batch of 32 on 16 cores."""
+    from onnx import helper, numpy_helper
+
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in [*graph.input, *graph.value_info, *graph.output]
+        if info.type.tensor_type.HasField("shape")
+    }
+    constants = {init.name: init for init in graph.initializer}
+    constants |= {
+        node.output[0]: node.attribute[0].t for node in graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"
+    }
+    rewritten = []
+    axes_read = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+            continue
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in constants:
+                continue
+            axes = numpy_helper.to_array(constants[node.input[1]]).tolist()
+        else:
+            axes = attributes.get("axes")
+        rank = ranks.get(node.input[0])
+        if not axes or rank is None or rank < 3 or attributes.get("keepdims", 1) != 1:
+            continue
+        if sorted(axis % rank for axis in axes) != list(range(2, rank)):
+            continue
+        axes_read.update(node.input[1:2])
+        rewritten.append(node.name)
+        graph.node[index].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+    still_read = {name for node in graph.node for name in node.input} | {info.name for info in graph.input}
+    for init in [init for init in graph.initializer if init.name in axes_read - still_read]:
+        graph.initializer.remove(init)
+    return rewritten
 
 
 def output_tail(nodes) -> list[str]:
