@@ -262,11 +262,12 @@ def int8_goal_verdict(rows: list[Row], settings: dict) -> str:
     )
     if found is None:
         return "int8 goal: not measured (needs the resnet18 model and the 'int8 onnxruntime' variant)"
+    goal = f"int8 goal (>= {INT8_GOAL_SPEEDUP}x, >= {100 * INT8_GOAL_AGREEMENT:g}% agreement, on a CPU with VNNI)"
     measured = f"{found.speedup:.2f}x fp32 at batch {INT8_GOAL_BATCH}, agreement {100 * found.agreement:.1f}%"
-    if settings["cpu"].endswith("without VNNI") or settings["cpu"] == "arm":
-        return f"int8 goal (>= {INT8_GOAL_SPEEDUP}x, >= 99% agreement, on a CPU with VNNI): does not apply to this CPU ({measured})"
+    if not settings["cpu"].startswith("x86 with "):
+        return f"{goal}: does not apply to this CPU ({measured})"
     met = found.speedup >= INT8_GOAL_SPEEDUP and found.agreement >= INT8_GOAL_AGREEMENT
-    return f"int8 goal (>= {INT8_GOAL_SPEEDUP}x, >= 99% agreement): {'met' if met else 'NOT met'} ({measured})"
+    return f"{goal}: {'met' if met else 'NOT met'} ({measured})"
 
 
 if __name__ == "__main__":

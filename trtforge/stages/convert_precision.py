@@ -52,7 +52,7 @@ from trtforge.isolation import run_isolated
 from trtforge.lineage import stage_cache_key
 from trtforge.localcache import mark_used
 from trtforge.numeric import NUMPY_DTYPES
-from trtforge.onnxfacts import PrecisionFacts, precision_facts
+from trtforge.onnxfacts import DEFAULT_DOMAINS, PrecisionFacts, constant_value, precision_facts
 from trtforge.safeio import OnnxModelError, atomic_directory, atomic_write_text, external_data_files, load_arrays, load_onnx_safely
 from trtforge.serving import carry_metadata
 from trtforge.spec import InputSpec, ModelSpec, Precision, PrecisionOptions
@@ -475,16 +475,16 @@ def global_means_as_global_average_pools(graph) -> list[str]:
     }
     constants = {init.name: init for init in graph.initializer}
     constants |= {
-        node.output[0]: node.attribute[0].t for node in graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"
+        node.output[0]: constant_value(node) for node in graph.node if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
     }
     rewritten = []
     axes_read = set()
     for index, node in enumerate(graph.node):
-        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "ReduceMean" or node.domain not in DEFAULT_DOMAINS:
             continue
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
         if len(node.input) > 1 and node.input[1]:
-            if node.input[1] not in constants:
+            if constants.get(node.input[1]) is None:
                 continue
             axes = numpy_helper.to_array(constants[node.input[1]]).tolist()
         else:
